@@ -1,0 +1,21 @@
+"""s2d — Selective Spectral Decay for quantization-friendly transformers.
+
+Public API (stable):
+
+    from s2d import S2DConfig, SelectiveSpectralDecay, pcdr_curve
+"""
+from s2d.decay import LayerStats, S2DConfig, SelectiveSpectralDecay
+from s2d.spectral import Spectrum, pcdr_curve, select_rank, spectrum, spectra, top_k
+
+__all__ = [
+    "S2DConfig",
+    "SelectiveSpectralDecay",
+    "LayerStats",
+    "Spectrum",
+    "pcdr_curve",
+    "select_rank",
+    "spectrum",
+    "spectra",
+    "top_k",
+]
+__version__ = "0.1.0"
