@@ -1,0 +1,256 @@
+"""Outlier probes: activation statistics of chosen modules, joined with their weight spectra.
+
+``capture_activations`` runs batches through a model with forward hooks and keeps, per module,
+streaming statistics of its output (or input) values a: max |a|, Pearson kurtosis, p99/p99.9 of |a|
+(exact in practice, see :func:`capture_activations`) and a uniform random sample of a for violin plots.  ``spectral_table`` adds σ_max, the PCDR curve of
+each layer's largest |output| entry and k_target, computed by the same code as the S2D refresh.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from s2d.decay import ActivationPeak, S2DConfig, compute_refresh, find_peak, reduce_peaks
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ActivationStats", "LayerReport", "capture_activations", "spectral_table", "quantile_from_top"]
+
+_TAIL = 0.02   # fraction of the largest |a| kept (2x what p99 needs, slack for later batches)
+
+
+@dataclass
+class ActivationStats:
+    """Statistics of every value a of one module's output (or input) over all batches.
+
+    max_abs: max |a|.  kurtosis: Pearson kurtosis E[(a-μ)^4]/σ^4 (3 for a Gaussian; not excess).
+    p99, p999: 99th / 99.9th percentiles of |a| (exact, linear interpolation as ``torch.quantile``).
+    count: number of values.  sample: up to ``sample_size`` values of a drawn uniformly without
+    replacement (seeded), for violin plots.
+    """
+
+    name: str
+    max_abs: float
+    kurtosis: float
+    p99: float
+    p999: float
+    count: int
+    sample: list[float]
+
+
+@dataclass
+class LayerReport:
+    """One row of the spectral table: weight spectrum, PCDR of the largest activation, outlier stats.
+
+    pcdr: [PCDR_1..PCDR_k_max] of the largest |output| entry; k_target: smallest k <= k_max with
+    PCDR_k >= tau (None = healthy); role: from ``s2d.models.linear_roles`` when available, else "linear".
+    """
+
+    name: str
+    shape: tuple[int, int]
+    sigma_max: float
+    pcdr: list[float]
+    k_target: int | None
+    max_abs: float
+    kurtosis: float
+    p99: float
+    p999: float
+    role: str
+
+
+@dataclass
+class _Accumulator:
+    """Streaming moments (Chan et al. merge), the top tail of |a|, and a priority-key reservoir."""
+
+    sample_size: int
+    generator: torch.Generator
+    n: int = 0
+    mean: float = 0.0
+    m2: float = 0.0
+    m3: float = 0.0
+    m4: float = 0.0
+    max_abs: float = 0.0
+    floor: float = -math.inf          # largest |a| ever dropped from the tail buffer
+    top: Tensor = field(default_factory=lambda: torch.empty(0))
+    keys: Tensor = field(default_factory=lambda: torch.empty(0))
+    values: Tensor = field(default_factory=lambda: torch.empty(0))
+
+    def update(self, a: Tensor) -> None:
+        a = a.detach().reshape(-1).double().cpu()
+        if a.numel() == 0:
+            return
+        self._moments(a)
+        mag = a.abs()
+        self.max_abs = max(self.max_abs, float(mag.max()))
+        keep = min(math.ceil(_TAIL * self.n) + 2, self.n)
+        merged = torch.cat([self.top.double(), mag]) if self.top.numel() else mag
+        if merged.numel() > keep:
+            part = merged.topk(keep + 1).values
+            self.floor = max(self.floor, float(part[-1]))
+            merged = part[:keep]
+        self.top = merged.sort(descending=True).values
+        if self.sample_size == 0:
+            return
+        keys = torch.rand(a.numel(), generator=self.generator, dtype=torch.float64)
+        keys, values = torch.cat([self.keys, keys]), torch.cat([self.values.double(), a])
+        if keys.numel() > self.sample_size:
+            idx = keys.topk(self.sample_size, largest=False).indices
+            keys, values = keys[idx], values[idx]
+        self.keys, self.values = keys, values
+
+    def _moments(self, a: Tensor) -> None:
+        nb = a.numel()
+        mb = float(a.mean())
+        d = a - mb
+        b2, b3, b4 = float(d.pow(2).sum()), float(d.pow(3).sum()), float(d.pow(4).sum())
+        na, n = self.n, self.n + nb
+        delta = mb - self.mean
+        a2, a3 = self.m2, self.m3
+        self.m4 += b4 + delta**4 * na * nb * (na**2 - na * nb + nb**2) / n**3 \
+            + 6 * delta**2 * (na**2 * b2 + nb**2 * a2) / n**2 + 4 * delta * (na * b3 - nb * a3) / n
+        self.m3 += b3 + delta**3 * na * nb * (na - nb) / n**2 + 3 * delta * (na * b2 - nb * a2) / n
+        self.m2 += b2 + delta**2 * na * nb / n
+        self.mean += delta * nb / n
+        self.n = n
+
+    def quantile(self, q: float) -> float:
+        """Exact when the tail buffer provably holds the needed order statistics; else from the sample."""
+        need = self.n - math.floor(q * (self.n - 1))      # how many of the largest values q needs
+        if need <= self.top.numel() and float(self.top[need - 1]) >= self.floor:
+            return quantile_from_top(self.top, self.n, q)
+        if self.values.numel():
+            logger.debug("p%g of |a| estimated from a %d-value sample", 100 * q, self.values.numel())
+            return float(torch.quantile(self.values.abs(), q))
+        return math.nan
+
+    def result(self, name: str) -> ActivationStats:
+        kurt = self.n * self.m4 / self.m2**2 if self.m2 > 0 else math.nan
+        return ActivationStats(name, self.max_abs, kurt, self.quantile(0.99), self.quantile(0.999),
+                               self.n, self.values.float().tolist())
+
+
+def quantile_from_top(top: Tensor, n: int, q: float) -> float:
+    """q-quantile (linear interpolation, as ``torch.quantile``) of n values given their largest ones, descending."""
+    if n == 0:
+        return math.nan
+    pos = q * (n - 1)
+    lo, frac = math.floor(pos), pos - math.floor(pos)
+    hi = min(lo + 1, n - 1)
+    a, b = n - 1 - lo, n - 1 - hi           # ascending index -> descending index
+    if a >= top.numel():
+        raise ValueError(f"quantile_from_top: need the top {a + 1} values, have {top.numel()}")
+    return float(top[a] + frac * (top[b] - top[a]))
+
+
+def _linear_modules(model: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+def _run(model: nn.Module, batches: Iterable, hooks: dict[str, nn.Module], fn, progress: bool, desc: str) -> None:
+    """Run batches (dicts -> model(**batch), labels dropped) in eval mode, no grad, with forward hooks."""
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    handles = [m.register_forward_hook(fn(name)) for name, m in hooks.items()]
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
+                if isinstance(batch, Mapping):
+                    model(**{k: v.to(device) if isinstance(v, Tensor) else v
+                             for k, v in batch.items() if k != "labels"})
+                else:
+                    model(batch.to(device))
+    finally:
+        for h in handles:
+            h.remove()
+        for m, mode in modes.items():
+            m.training = mode
+
+
+def _capture(model, batches, modules, where, sample_size, progress, seed, peaks=None):
+    if where not in ("output", "input"):
+        raise ValueError(f"capture_activations: where must be 'output' or 'input', got {where!r}")
+    if sample_size < 0:
+        raise ValueError(f"capture_activations: sample_size must be >= 0, got {sample_size}")
+    modules = dict(_linear_modules(model) if modules is None else modules)
+    gen = torch.Generator().manual_seed(seed)
+    accs = {name: _Accumulator(sample_size, gen) for name in modules}
+
+    def make(name):
+        def hook(module, args, output):
+            a = output if where == "output" else (args[0] if args else None)
+            if isinstance(a, Tensor) and a.is_floating_point():
+                accs[name].update(a)
+            w = getattr(module, "weight", None)
+            if peaks is not None and isinstance(w, Tensor) and w.dim() == 2:
+                p = find_peak(w.shape, args[0] if args else None, output)
+                if p is not None:
+                    peaks.setdefault(name, []).append(p)
+        return hook
+
+    _run(model, batches, modules, make, progress, "activations")
+    return {name: acc.result(name) for name, acc in accs.items() if acc.n > 0}, modules
+
+
+def capture_activations(model: nn.Module, batches: Iterable[dict], modules: Mapping[str, nn.Module] | None = None,
+                        where: str = "output", sample_size: int = 4096, progress: bool = True,
+                        seed: int = 0) -> dict[str, ActivationStats]:
+    """Activation statistics of ``modules`` (default: every nn.Linear) over ``batches``.
+
+    Args:
+        batches: dicts passed as ``model(**batch)`` ("labels" is dropped) or tensors passed as ``model(x)``.
+        where: "output" (the module's output) or "input" (its first positional input).
+        sample_size: size of the uniform sample kept per module for violin plots.
+    Returns:
+        module name -> :class:`ActivationStats` (modules that never produced a float tensor are absent).
+    Percentiles: exact, from the largest 2% of |a| kept per module (8 bytes per kept value), whenever
+    that buffer provably holds the needed order statistics (always for a stream whose batches are
+    alike); otherwise (e.g. a few huge batches followed by many tiny ones) estimated from the sample
+    (nan if ``sample_size`` is 0).
+    The model runs in eval mode under ``torch.no_grad``; its train/eval flags are restored after.
+    """
+    stats, _ = _capture(model, batches, modules, where, sample_size, progress, seed)
+    return stats
+
+
+def _roles(model: nn.Module) -> dict[str, str]:
+    try:
+        from s2d.models import linear_roles
+    except ImportError:
+        return {}
+    try:
+        return dict(linear_roles(model))
+    except Exception as err:  # an adapter that does not know this model: fall back to "linear"
+        logger.debug("linear_roles failed (%s); roles default to 'linear'", err)
+        return {}
+
+
+def spectral_table(model: nn.Module, batches: Iterable[dict], modules: Mapping[str, nn.Module] | None = None,
+                   k_max: int = 3, tau: float = 0.95, progress: bool = True) -> list[LayerReport]:
+    """Per 2-D-weight module: σ_max, PCDR_1..k_max of its largest |output| entry, k_target, outlier stats.
+
+    PCDR and k_target come from :func:`s2d.decay.compute_refresh` (the S2D refresh code) on the largest
+    |output| entry over all batches.  Values are nan (pcdr empty) where they cannot be computed, e.g. a
+    module whose forward never ran or whose weight is non-finite.
+    """
+    cfg = S2DConfig(tau=tau, k_max=k_max)
+    peaks: dict[str, list[ActivationPeak]] = {}
+    stats, modules = _capture(model, batches, modules, "output", 4096, progress, 0, peaks)
+    weights = {n: m.weight.detach() for n, m in modules.items()
+               if isinstance(getattr(m, "weight", None), Tensor) and m.weight.dim() == 2}
+    refreshed = compute_refresh(weights, {n: reduce_peaks(peaks.get(n, [])) for n in weights}, cfg, step=0)
+    roles = _roles(model)
+    rows = []
+    for name in weights:
+        r, a = refreshed[name].stats, stats.get(name)
+        rows.append(LayerReport(
+            name=name, shape=r.shape, sigma_max=r.sigma_max, pcdr=r.pcdr, k_target=r.k_target,
+            max_abs=a.max_abs if a else math.nan, kurtosis=a.kurtosis if a else math.nan,
+            p99=a.p99 if a else math.nan, p999=a.p999 if a else math.nan, role=roles.get(name, "linear")))
+    return rows
