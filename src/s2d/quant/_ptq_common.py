@@ -1,0 +1,236 @@
+"""Shared plumbing for the block-wise PTQ methods (PTQ4ViT, RepQ-ViT, ERQ).
+
+- calibration batches: drop labels, split into sub-batches, run the model without building a graph;
+- capture of module inputs (or quantizer inputs) as token matrices (N, C), padding tokens dropped when
+  the batch has an ``attention_mask`` of matching shape, randomly subsampled to a token budget;
+- the groups of Linears that share one input, in forward order (q/k/v, out-proj, fc1 [+gate], fc2,
+  then every other Linear such as pooler and classifier head);
+- RepQ-style range search: clipping candidates from quantiles, the one with the lowest MSE per row.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from s2d.quant.quantizers import fake_quant, int_range, scale_zero_point
+
+__all__ = [
+    "StopForward", "model_inputs", "take_samples", "sub_batches", "forward_batches", "LinearGroup", "linear_groups",
+    "TokenCapture", "capture_inputs", "quantile_mse_range", "subsample",
+]
+
+
+class StopForward(Exception):
+    """Raised by a capture hook to end a forward pass early once the wanted tensors are recorded."""
+
+
+def model_inputs(batch: dict) -> dict:
+    """The batch without ``labels`` (methods never use the task labels)."""
+    return {k: v for k, v in batch.items() if k != "labels"}
+
+
+def take_samples(calib: Iterable[dict], num_samples: int | None) -> list[dict]:
+    """The first ``num_samples`` samples of ``calib`` (labels dropped), keeping the batch structure."""
+    out, left = [], num_samples
+    for batch in calib:
+        batch = model_inputs(batch)
+        n = next(v.shape[0] for v in batch.values() if isinstance(v, Tensor))
+        if left is not None and n > left:
+            batch = {k: (v[:left] if isinstance(v, Tensor) else v) for k, v in batch.items()}
+            n = left
+        out.append(batch)
+        if left is not None:
+            left -= n
+            if left <= 0:
+                break
+    if not out:
+        raise ValueError("calibration batches are empty")
+    return out
+
+
+def sub_batches(calib: Iterable[dict], size: int | None) -> list[dict]:
+    """Split every batch into sub-batches of at most ``size`` samples (None: unchanged)."""
+    out = []
+    for batch in calib:
+        batch = model_inputs(batch)
+        n = next(v.shape[0] for v in batch.values() if isinstance(v, Tensor))
+        step = n if size is None else size
+        for i in range(0, n, step):
+            out.append({k: (v[i:i + step] if isinstance(v, Tensor) else v) for k, v in batch.items()})
+    return out
+
+
+def subsample(x: Tensor, max_rows: int | None, generator: torch.Generator) -> Tensor:
+    """At most ``max_rows`` rows of ``x`` (N, ...), chosen uniformly at random without replacement."""
+    if max_rows is None or x.shape[0] <= max_rows:
+        return x
+    idx = torch.randperm(x.shape[0], generator=generator)[:max_rows].sort().values
+    return x[idx.to(x.device)]
+
+
+@dataclass
+class LinearGroup:
+    """Linears (module names) that read the same tensor, and the block they belong to (None: outside)."""
+
+    names: list[str]
+    role: str  # "qkv" | "attn_out" | "fc1" | "fc2" | "other"
+    block: int | None
+
+
+def linear_groups(model: nn.Module) -> list[LinearGroup]:
+    """Every ``nn.Linear`` of ``model`` once, grouped by shared input, in forward order.
+
+    Raises ValueError when no transformer block layout is recognised (see ``s2d.models.blocks``).
+    """
+    from s2d.models import blocks
+
+    infos = blocks(model)
+    if not infos:
+        raise ValueError(
+            f"{type(model).__name__}: no transformer blocks recognised (supported: BERT/MPNet encoders and "
+            "ViT-style models: DINOv2, ViT, SigLIP, CLIP vision, timm ViT)"
+        )
+    groups, seen = [], set()
+    for i, b in enumerate(infos):
+        for names, role in ((b.qkv, "qkv"), ([b.attn_out], "attn_out"), (b.fc1, "fc1"), ([b.fc2], "fc2")):
+            groups.append(LinearGroup(list(names), role, i))
+            seen.update(names)
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear) and name not in seen:
+            groups.append(LinearGroup([name], "other", None))
+    return groups
+
+
+class TokenCapture:
+    """Forward pre-hooks that record the first positional input of modules as token rows (N, C).
+
+    The tensors are flattened to (tokens, last dim); if the current batch's attention mask (set by
+    :func:`forward_batches`) has the shape of the leading dims, padded tokens are dropped.
+    ``stop``: raise :class:`StopForward` once every module has been called in the current pass.
+    ``grad``: also record the gradient w.r.t. the module's *output* (forward hook + tensor hook).
+    """
+
+    def __init__(self, modules: dict[str, nn.Module], stop: bool = False, outputs: bool = False,
+                 unmasked: Iterable[str] = ()) -> None:
+        self.unmasked = set(unmasked)  # names whose tensors are not (B, T, C): never masked
+        self.data: dict[str, list[Tensor]] = {n: [] for n in modules}
+        self.outs: dict[str, list[Tensor]] = {n: [] for n in modules}
+        self.mask: Tensor | None = None
+        self.stop = stop
+        self._called: set[str] = set()
+        self._handles = []
+        for name, mod in modules.items():
+            self._handles.append(mod.register_forward_pre_hook(self._pre(name)))
+            if outputs:
+                self._handles.append(mod.register_forward_hook(self._post(name)))
+
+    def rows(self, x: Tensor, name: str | None = None) -> Tensor:
+        m = self.mask
+        if m is not None and name not in self.unmasked and x.dim() >= 3 and tuple(x.shape[:2]) == tuple(m.shape):
+            return x[m.bool()].reshape(-1, x.shape[-1])
+        return x.reshape(-1, x.shape[-1])
+
+    def _pre(self, name: str):
+        def hook(module, args):
+            self.data[name].append(self.rows(args[0].detach(), name).float())
+            self._called.add(name)
+            if self.stop and len(self._called) == len(self.data):
+                raise StopForward
+        return hook
+
+    def _post(self, name: str):
+        def hook(module, args, out):
+            self.outs[name].append(out)
+        return hook
+
+    def new_pass(self) -> None:
+        self._called = set()
+
+    def cat(self, name: str) -> Tensor:
+        return torch.cat(self.data[name]) if self.data[name] else torch.empty(0)
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+def forward_batches(model: nn.Module, batches: list[dict], capture: TokenCapture | None = None,
+                    grad: bool = False) -> Iterator[tuple[dict, object]]:
+    """Run ``model(**batch)`` for every batch (no graph unless ``grad``); yields (batch, output or None).
+
+    A :class:`StopForward` raised by a capture hook ends that pass early (output None).
+    """
+    for batch in batches:
+        if capture is not None:
+            capture.mask = batch.get("attention_mask")
+            capture.new_pass()
+        try:
+            with torch.set_grad_enabled(grad):
+                out = model(**batch)
+        except StopForward:
+            out = None
+        yield batch, out
+
+
+def capture_inputs(model: nn.Module, modules: dict[str, nn.Module], batches: list[dict],
+                   max_tokens: int | None, generator: torch.Generator,
+                   unmasked: Iterable[str] = ()) -> dict[str, Tensor]:
+    """Inputs of ``modules`` over ``batches`` as token matrices (N, C), N <= max_tokens; stops each
+    forward pass as soon as all of them were called. ``unmasked``: names never filtered by the mask."""
+    cap = TokenCapture(modules, stop=True, unmasked=unmasked)
+    try:
+        for _ in forward_batches(model, batches, cap):
+            pass
+    finally:
+        cap.remove()
+    return {n: subsample(cap.cat(n), max_tokens, generator) for n in modules}
+
+
+@contextmanager
+def eval_mode(model: nn.Module):
+    """Temporarily put ``model`` in eval mode (dropout off)."""
+    was = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was)
+
+
+def quantile_mse_range(rows: Tensor, bits: int, symmetric: bool,
+                       quantiles: tuple[float, ...] = (1.0, 0.99999, 0.9999, 0.999),
+                       max_values: int = 1 << 18) -> tuple[Tensor, Tensor]:
+    """Per-row clipping range [lo, hi] (R,) for ``rows`` (R, M): among the candidate pairs
+    (quantile(1−p), quantile(p)) for p in ``quantiles`` (symmetric: ±quantile(p) of |x|), the one whose
+    fake-quantized rows have the lowest mean squared error. p = 1.0 is min-max."""
+    rows = rows.float()
+    keep = max(min(max_values, (1 << 24) // rows.shape[0]), 1)  # torch.quantile's input-size limit
+    if rows.shape[1] > keep:  # quantiles estimated on a deterministic strided subset
+        rows_q = rows[:, torch.linspace(0, rows.shape[1] - 1, keep).long()]
+    else:
+        rows_q = rows
+    qmin, qmax = int_range(bits, symmetric)
+    best_lo = best_hi = None
+    best_err = torch.full((rows.shape[0],), float("inf"), device=rows.device)
+    for p in quantiles:
+        if symmetric:
+            top = torch.quantile(rows_q.abs(), p, dim=1) if p < 1 else rows.abs().amax(1)
+            lo, hi = -top, top
+        elif p < 1:
+            lo, hi = torch.quantile(rows_q, 1 - p, dim=1), torch.quantile(rows_q, p, dim=1)
+        else:
+            lo, hi = rows.amin(1), rows.amax(1)
+        s, z = scale_zero_point(lo, hi, bits, symmetric)
+        err = (fake_quant(rows, s[:, None], z[:, None], qmin, qmax) - rows).pow(2).mean(1)
+        if best_lo is None:
+            best_lo, best_hi, best_err = lo, hi, err
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_lo, best_hi = torch.where(better, lo, best_lo), torch.where(better, hi, best_hi)
+    return best_lo, best_hi

@@ -1,0 +1,133 @@
+"""ERQ post-training quantization (Zhong et al., ICML 2024), on RepQ-ViT's quantizers.
+
+1. RepQ-ViT calibration of every activation quantizer (weights still float), including the post-LN
+   reparameterisation (``s2d.quant.repq``).
+2. Then, Linear group by Linear group in forward order (groups = Linears reading the same tensor),
+   with every earlier Linear already final: record the group's input X on the calibration samples
+   (only this group's tokens are cached: memory is one layer's X, at most ``max_tokens`` rows), and per
+   Linear with X̃ = its input quantizer applied to X and Y = X Wᵀ + b:
+   - Aqer: [W b] += δᵀ with δ = (X̃ᵀX̃ + λ_a I)⁻¹ X̃ᵀ (Y − X̃ [W b]ᵀ)  (ridge regression; a bias is
+     created if the Linear had none);
+   - the weight quantizer is calibrated on the updated weight (per-channel quantile/MSE search);
+   - Wqer: half of the still-float input columns at a time are rounded onto that grid with rounding
+     refinement (≤ ``max_flips`` greedy floor/ceil flips per row lowering δ1ᵀ(μμᵀ+Σ)δ1) and the
+     remaining float columns are compensated by ridge regression δ2 = −(X̃₂ᵀX̃₂ + λ_w I)⁻¹ X̃₂ᵀX̃₁δ1ᵀ.
+   The final weight lies exactly on the weight quantizer's grid.
+
+X comes from the model as quantized so far (the paper's "float input" of the layer in the progressively
+quantized network), Y from the same X with float weights and an unquantized input, so each Linear
+corrects its own activation and weight error. λ: the papers' ≈ 1e3 for token inputs, absolute (it is
+not rescaled with the number of tokens); columns are taken in index order.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from s2d.quant._erq_math import RowGrid, aqer, wqer
+from s2d.quant._ptq_common import capture_inputs, eval_mode, linear_groups
+from s2d.quant.apply import QuantLinear, QuantSpec, register_method
+from s2d.quant.repq import RepQConfig, input_quantizer, repq_calibrate, set_weight_range
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ERQConfig", "erq", "erq_linear"]
+
+
+@dataclass(frozen=True)
+class ERQConfig:
+    """ERQ hyperparameters (paper / public-code defaults).
+
+    aqer_lambda, wqer_lambda: ridge strengths λ (> 0). max_flips: rounding-refinement flips per row
+    (>= 0; 0 = round to nearest). row_group: rows refined together (memory). use_aqer / use_wqer:
+    switch the two steps (ablations). quantiles, num_samples, max_tokens, seed: as RepQConfig
+    (``max_tokens`` bounds the rows of X cached for one layer).
+    """
+
+    aqer_lambda: float = 1e3
+    wqer_lambda: float = 1e3
+    max_flips: int = 100
+    row_group: int = 500
+    use_aqer: bool = True
+    use_wqer: bool = True
+    quantiles: tuple[float, ...] = (1.0, 0.99999, 0.9999, 0.999)
+    num_samples: int = 32
+    max_tokens: int | None = 16384
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for f in ("aqer_lambda", "wqer_lambda"):
+            if not getattr(self, f) > 0:
+                raise ValueError(f"ERQConfig.{f} must be > 0, got {getattr(self, f)!r}")
+        if not isinstance(self.max_flips, int) or self.max_flips < 0:
+            raise ValueError(f"ERQConfig.max_flips must be an int >= 0, got {self.max_flips!r}")
+        if not isinstance(self.row_group, int) or self.row_group < 1:
+            raise ValueError(f"ERQConfig.row_group must be an int >= 1, got {self.row_group!r}")
+        self.repq_config()  # validates quantiles, num_samples, max_tokens
+
+    def repq_config(self) -> RepQConfig:
+        return RepQConfig(quantiles=self.quantiles, num_samples=self.num_samples,
+                          max_tokens=self.max_tokens, seed=self.seed)
+
+
+@torch.no_grad()
+def erq_linear(lin: QuantLinear, x_raw: torch.Tensor, config: ERQConfig) -> dict:
+    """Aqer + weight calibration + Wqer for one QuantLinear given its recorded raw input (N, in).
+
+    The input quantizer must be calibrated. Returns the layer's output MSE vs Y = XWᵀ+b before
+    (RTN weights, quantized input) and after.
+    """
+    q = input_quantizer(lin)
+    q.enabled = False
+    x = lin.input_quantizer(x_raw)  # float input as the weights see it (reparameterised if any)
+    q.enabled = True
+    x_q = lin.input_quantizer(x_raw)
+    w0 = lin.weight.detach().clone()
+    b0 = None if lin.bias is None else lin.bias.detach().clone()
+    y = x @ w0.T + (0 if b0 is None else b0)
+    set_weight_range(lin, config.quantiles)
+    err_rtn = float((x_q @ lin.weight_quantizer(w0).T + (0 if b0 is None else b0) - y).pow(2).mean())
+    w, b = w0, b0
+    if config.use_aqer:
+        w, b = aqer(w0, b0, x_q, y, config.aqer_lambda)
+        lin.weight.copy_(w)
+        if lin.bias is None:
+            lin.bias = nn.Parameter(b)
+        else:
+            lin.bias.copy_(b)
+        set_weight_range(lin, config.quantiles)  # weight quantizer on the updated weights
+    if config.use_wqer:
+        wq = lin.weight_quantizer
+        m = w.shape[0]
+        grid = RowGrid(wq.scale.reshape(-1).expand(m) if wq.scale.numel() == 1 else wq.scale.reshape(-1),
+                       wq.zero_point.reshape(-1).expand(m) if wq.zero_point.numel() == 1 else wq.zero_point.reshape(-1),
+                       wq.qmin, wq.qmax)
+        w = wqer(w, x_q, grid, config.wqer_lambda, config.max_flips, config.row_group)
+        lin.weight.copy_(w)
+    bias = lin.bias if lin.bias is not None else 0
+    err = float((x_q @ lin.weight_quantizer(lin.weight).T + bias - y).pow(2).mean())
+    return {"mse_rtn": err_rtn, "mse_erq": err}
+
+
+@register_method("erq")
+def erq(model: nn.Module, spec: QuantSpec, calib: Iterable[dict] | None, config: ERQConfig | None = None,
+        progress: bool = True) -> None:
+    """``quantize_model(model, spec, method="erq", calib=batches, config=ERQConfig())``."""
+    config = config or ERQConfig()
+    batches = repq_calibrate(model, spec, calib, config.repq_config(), progress, weights=False)
+    gen = torch.Generator().manual_seed(config.seed + 1)
+    mods = dict(model.named_modules())
+    groups = [[n for n in g.names if isinstance(mods[n], QuantLinear)] for g in linear_groups(model)]
+    groups = [g for g in groups if g]
+    with eval_mode(model), torch.no_grad():
+        for names in tqdm(groups, desc="erq layers", disable=not progress, leave=False):
+            x_raw = capture_inputs(model, {names[0]: mods[names[0]]}, batches, config.max_tokens, gen)[names[0]]
+            for n in names:
+                stats = erq_linear(mods[n], x_raw, config)
+                logger.debug("erq %s: output mse %.3g (rtn) -> %.3g", n, stats["mse_rtn"], stats["mse_erq"])
+            del x_raw

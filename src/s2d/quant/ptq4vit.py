@@ -1,0 +1,386 @@
+"""PTQ4ViT post-training quantization (Yuan et al., ECCV 2022), in this project's own code.
+
+Quantizers (all symmetric, as the paper):
+- Linear inputs and weights: uniform, one scale per tensor; a fused qkv weight gets one scale per
+  q / k / v block (rows split in thirds);
+- post-GELU activations (fc2 inputs): twin uniform, "gelu" mode (negatives with a fixed small step,
+  positives with a searched step);
+- attention matmul inputs q, k, v: uniform with one scale per head (``per_head``, else per tensor);
+  post-softmax probabilities: twin uniform, "softmax" mode (searched power-of-two threshold).
+Initial scales Δ = max|x| / (2^(b−1) − 0.5) (twin quantizers: their own MSE initialisation).
+
+Hessian-guided scale search, block by block in forward order, on ``num_samples`` calibration samples:
+1. the float inputs of the block's Linears / attention quantizers are recorded (quantizers off);
+2. a backward pass of KL(p_fp ‖ p_q) — p_q the predictions of the model quantized with the current
+   scales — in sub-batches of ``sub_batch`` samples gives g = ∂KL/∂O at every Linear output O (and
+   at every attention quantizer's output);
+3. per Linear, ``rounds`` alternating rounds: weight scale(s) over the candidates
+   Δ_w·(α + i(β−α)/n), i = 0..n, then the input scale over Δ_a·(α + i(β−α)/n), each minimising the
+   Hessian-guided distance mean[(g ⊙ (O_fp − O_q))²], O_fp = X Wᵀ + b, O_q = Q_a(X) Q_w(W)ᵀ + b. The
+   current scale is always a candidate, so the objective never gets worse than the initial one.
+4. attention matmul inputs: the same candidates (per head), softmax threshold over 2^0 … 2^−19, with
+   the distance taken on the quantizer's own output x instead of the matmul output:
+   mean[(g_x ⊙ (x − Q(x)))²] with g_x = ∂KL/∂Q(x) (a simplification of the paper, which measures the
+   matmul output; it keeps the search inside this project's attention function).
+Tokens: padded tokens are dropped; at most ``max_tokens`` token rows per layer are used (CPU budget).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from s2d.quant._ptq_common import (
+    TokenCapture, eval_mode, forward_batches, linear_groups, sub_batches, subsample, take_samples,
+)
+from s2d.quant.apply import QuantLinear, QuantSpec, calibrate, register_method, set_quantization
+from s2d.quant.quantizers import Quantizer, TwinUniformQuantizer, UniformQuantizer
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["PTQ4ViTConfig", "ptq4vit", "search_scale", "sym_fq", "twin_gelu_fq", "twin_softmax_fq"]
+
+
+@dataclass(frozen=True)
+class PTQ4ViTConfig:
+    """PTQ4ViT hyperparameters (paper defaults).
+
+    alpha, beta, n_candidates: scale candidates Δ·(α + i(β−α)/n), i = 0..n (0 < α < β).
+    rounds: alternating weight/activation search rounds. sub_batch: samples per backward pass.
+    twin_softmax / twin_gelu: twin-uniform quantizers (False: plain uniform, an ablation).
+    hessian: weight the output error by g (False: plain output MSE, an ablation).
+    per_head: one scale per attention head for q, k, v. softmax_k_max: threshold 2^-k, k <= this.
+    num_samples: calibration samples used; max_tokens: token rows per layer in the search; seed.
+    """
+
+    alpha: float = 0.01
+    beta: float = 1.2
+    n_candidates: int = 100
+    rounds: int = 3
+    sub_batch: int = 4
+    twin_softmax: bool = True
+    twin_gelu: bool = True
+    hessian: bool = True
+    per_head: bool = True
+    softmax_k_max: int = 19
+    num_samples: int = 32
+    max_tokens: int | None = 2048
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.alpha < self.beta:
+            raise ValueError(f"PTQ4ViTConfig.alpha/beta must satisfy 0 < alpha < beta, got {self.alpha}, {self.beta}")
+        for f, lo in (("n_candidates", 1), ("rounds", 1), ("sub_batch", 1), ("num_samples", 1), ("softmax_k_max", 0)):
+            v = getattr(self, f)
+            if not isinstance(v, int) or v < lo:
+                raise ValueError(f"PTQ4ViTConfig.{f} must be an int >= {lo}, got {v!r}")
+        if self.max_tokens is not None and self.max_tokens < 16:
+            raise ValueError(f"PTQ4ViTConfig.max_tokens must be None or >= 16, got {self.max_tokens!r}")
+
+    def factors(self) -> list[float]:
+        n = self.n_candidates
+        return [self.alpha + i * (self.beta - self.alpha) / n for i in range(n + 1)]
+
+
+def search_scale(objective: Callable[[Tensor], Tensor], init: Tensor, current: Tensor,
+                 factors: Iterable[float], chunk: int = 16) -> tuple[Tensor, Tensor]:
+    """Elementwise best of ``current`` and the candidates ``init · f`` under ``objective``.
+
+    objective(cands) maps a stack of candidate scales (K, *init.shape) to their objectives (K, *init.shape)
+    (elements are searched independently, e.g. one per head or per q/k/v block); it is called on chunks
+    of at most ``chunk`` candidates. ``current`` is candidate 0 and ties keep the earliest candidate, so
+    the result is never worse than ``current``. Returns (best scale, best objective).
+    """
+    cands = torch.stack([current.reshape(init.shape).to(init)] + [init * f for f in factors])
+    objs = torch.cat([objective(cands[i:i + chunk]) for i in range(0, cands.shape[0], max(chunk, 1))])
+    idx = objs.argmin(0, keepdim=True)  # first minimum: current wins ties
+    return cands.gather(0, idx).squeeze(0), objs.gather(0, idx).squeeze(0)
+
+
+def _chunk(numel: int, budget: int = 1 << 24) -> int:
+    """Candidates per chunk so that one chunk's tensors hold about ``budget`` elements."""
+    return max(1, budget // max(numel, 1))
+
+
+# ----------------------------------------------------------------------------- batched fake quant
+# The search evaluates many candidate steps at once; these are the quantizers' formulas with a leading
+# candidate dimension (tests check them against the Quantizer modules).
+
+def sym_fq(x: Tensor, step: Tensor, qmax: int) -> Tensor:
+    """Symmetric uniform fake quant: clamp(round(x/Δ), −qmax, qmax)·Δ; step broadcasts against x."""
+    return torch.clamp(torch.round(x / step), -qmax, qmax) * step
+
+
+def twin_gelu_fq(x: Tensor, neg_step: Tensor, pos_step: Tensor, levels: int) -> Tensor:
+    """Twin uniform, gelu mode: negatives on neg_step, positives on pos_step, 2^(b−1) codes each."""
+    neg = torch.clamp(torch.round(x / neg_step), -(levels - 1), 0) * neg_step
+    pos = torch.clamp(torch.round(x / pos_step), 0, levels - 1) * pos_step
+    return torch.where(x < 0, neg, pos)
+
+
+def twin_softmax_fq(x: Tensor, threshold: Tensor, levels: int) -> Tensor:
+    """Twin uniform, softmax mode: [0, s) with step s/2^(b−1), [s, 1] with step 2^−(b−1)."""
+    fine_step = threshold / levels
+    fine = torch.clamp(torch.round(x / fine_step), 0, levels - 1) * fine_step
+    coarse = torch.clamp(torch.round(x * levels), 0, levels - 1) / levels
+    return torch.where(x < threshold, fine, coarse)
+
+
+# ----------------------------------------------------------------------------- quantizer parameters
+
+def _set_sym(q: UniformQuantizer, scale: Tensor) -> None:
+    """Symmetric uniform quantizer with step ``scale`` (scalar or one per row)."""
+    s = scale.reshape(-1).float()
+    q.set_range(-s * q.qmax, s * q.qmax)
+
+
+def _get_param(q: Quantizer) -> Tensor:
+    if isinstance(q, TwinUniformQuantizer):
+        return (q.threshold if q.mode == "softmax" else q.pos_step).reshape(1).clone()
+    return q.scale.reshape(-1).clone()
+
+
+def _set_param(q: Quantizer, p: Tensor) -> None:
+    if isinstance(q, TwinUniformQuantizer):
+        if q.mode == "softmax":
+            q.threshold = p.reshape(()).clone()
+        else:
+            q.pos_step = p.reshape(()).clone()
+    else:
+        _set_sym(q, p)
+
+
+def _weight_groups(lin: QuantLinear, role: str) -> int:
+    return 3 if role == "qkv" and lin.out_features % 3 == 0 else 1
+
+
+def _install_quantizers(model: nn.Module, spec: QuantSpec, groups, cfg: PTQ4ViTConfig) -> None:
+    mods = dict(model.named_modules())
+    fc2 = {n for g in groups if g.role == "fc2" for n in g.names}
+    for g in groups:
+        for n in g.names:
+            lin = mods[n]
+            if not isinstance(lin, QuantLinear):
+                continue
+            gran = "channel" if _weight_groups(lin, g.role) == 3 else "tensor"
+            lin.weight_quantizer = UniformQuantizer(spec.w_bits, True, gran, axis=0)
+            lin.input_quantizer = (TwinUniformQuantizer(spec.a_bits, "gelu") if n in fc2 and cfg.twin_gelu
+                                   else UniformQuantizer(spec.a_bits, True, "tensor"))
+    for m in model.modules():
+        aq = getattr(m, "s2d_attn_quant", None)
+        if aq is not None:
+            gran = "channel" if cfg.per_head else "tensor"
+            for part in ("q", "k", "v"):
+                setattr(aq, part, UniformQuantizer(spec.a_bits, True, gran, axis=1))
+            aq.probs = (TwinUniformQuantizer(spec.a_bits, "softmax") if cfg.twin_softmax
+                        else UniformQuantizer(spec.a_bits, False, "tensor"))
+
+
+@torch.no_grad()
+def _init_scales(model: nn.Module, groups) -> None:
+    """Δ = max|x| / (2^(b−1) − 0.5) for symmetric uniform quantizers (after a min-max calibration)."""
+    mods = dict(model.named_modules())
+    for q in mods.values():
+        if isinstance(q, UniformQuantizer) and q.symmetric and q.calibrated:
+            top = torch.maximum(q.lo.abs(), q.hi.abs())
+            _set_sym(q, top / (q.qmax + 0.5))
+    for g in groups:
+        for n in g.names:
+            lin = mods[n]
+            if isinstance(lin, QuantLinear) and _weight_groups(lin, g.role) == 3:
+                w = lin.weight.detach().reshape(3, -1)
+                s = (w.abs().amax(1) / (lin.weight_quantizer.qmax + 0.5)).repeat_interleave(lin.out_features // 3)
+                _set_sym(lin.weight_quantizer, s)
+
+
+# ----------------------------------------------------------------------------- search
+
+def _act_fq(q: Quantizer, x: Tensor, p: Tensor) -> Tensor:
+    """Input quantizer ``q`` applied to x (N, n) with candidate parameters p (K,) -> (K, N, n)."""
+    p = p.reshape(-1, 1, 1).to(x)
+    if isinstance(q, TwinUniformQuantizer):
+        return twin_gelu_fq(x[None], q.neg_step.to(x), p, q.levels)
+    return sym_fq(x[None], p, q.qmax)
+
+
+@torch.no_grad()
+def _search_linear(lin: QuantLinear, n_groups: int, x: Tensor, g: Tensor | None, cfg: PTQ4ViTConfig) -> dict:
+    """Alternating weight / input scale search for one Linear on float inputs x (N, in), grads g (N, out).
+
+    Weight steps: one per group of output rows (n_groups = 3 for a fused qkv). Returns the Hessian
+    distance before (initial scales) and after the search.
+    """
+    w = lin.weight.detach().float()
+    b = 0 if lin.bias is None else lin.bias.detach().float()
+    o_fp = x @ w.T + b
+    wq, aq = lin.weight_quantizer, lin.input_quantizer
+    m, per = w.shape[0], w.shape[0] // n_groups
+    wg = w.reshape(n_groups, per, -1)
+    chunk = _chunk(x.shape[0] * max(w.shape))
+
+    def dist(o_q: Tensor) -> Tensor:  # (K, N, m) -> (K, m)
+        d = o_fp[None] - o_q
+        d = d if g is None else d * g[None]
+        return d.pow(2).mean(1)
+
+    def w_obj(cands: Tensor) -> Tensor:  # (K, G) -> (K, G)
+        qw = sym_fq(wg[None], cands[:, :, None, None], wq.qmax).reshape(cands.shape[0], m, -1)
+        return dist(xq @ qw.transpose(1, 2) + b).reshape(-1, n_groups, per).mean(2)
+
+    def a_obj(cands: Tensor) -> Tensor:  # (K, 1) -> (K, 1)
+        return dist(_act_fq(aq, x, cands) @ qw_best.T + b).mean(1, keepdim=True)
+
+    w_cur = _get_param(wq)[::per].clone()
+    a_cur = _get_param(aq).clone()
+    w_init, a_init = w_cur.clone(), a_cur.clone()
+    first = last = None
+    for _ in range(cfg.rounds):
+        xq = _act_fq(aq, x, a_cur)[0]
+        w_cur, w_val = search_scale(w_obj, w_init, w_cur, cfg.factors(), chunk)
+        qw_best = sym_fq(wg, w_cur[:, None, None], wq.qmax).reshape(m, -1)
+        if first is None:
+            first = float(w_obj(w_init[None]).mean())
+        a_cur, a_val = search_scale(a_obj, a_init, a_cur, cfg.factors(), chunk)
+        last = float(a_val.mean())
+    _set_sym(wq, w_cur.repeat_interleave(per) if n_groups > 1 else w_cur)
+    _set_param(aq, a_cur)
+    return {"initial": first, "final": last}
+
+
+@torch.no_grad()
+def _search_attn_quantizer(q: Quantizer, x: Tensor, g: Tensor | None, cfg: PTQ4ViTConfig) -> None:
+    """Input-space Hessian-guided search for an attention quantizer; x, g: (B, H, T, D|T)."""
+    if isinstance(q, TwinUniformQuantizer):  # softmax threshold over powers of two
+        xf = x.reshape(-1)
+        gf = None if g is None else g.reshape(-1)
+
+        def obj(c: Tensor) -> Tensor:  # (K, 1)
+            d = xf[None] - twin_softmax_fq(xf[None], c.reshape(-1, 1), q.levels)
+            d = d if gf is None else d * gf[None]
+            return d.pow(2).mean(1, keepdim=True)
+
+        cands = [2.0 ** -k for k in range(cfg.softmax_k_max + 1)]
+        best, _ = search_scale(obj, torch.ones(1), _get_param(q), cands, _chunk(xf.numel()))
+        _set_param(q, best)
+        return
+    if not q.symmetric:  # uniform probs (twin_softmax=False): keep the min-max range
+        return
+    per_head = q.granularity == "channel"
+    xh = x.transpose(0, 1).reshape(x.shape[1], -1) if per_head else x.reshape(1, -1)
+    gh = None if g is None else (g.transpose(0, 1).reshape(g.shape[1], -1) if per_head else g.reshape(1, -1))
+
+    def obj(c: Tensor) -> Tensor:  # (K, H) -> (K, H)
+        d = xh[None] - sym_fq(xh[None], c[:, :, None], q.qmax)
+        d = d if gh is None else d * gh[None]
+        return d.pow(2).mean(2)
+
+    init = _get_param(q)
+    best, _ = search_scale(obj, init, init, cfg.factors(), _chunk(xh.numel()))
+    _set_sym(q, best)
+
+
+def _kl(logits_q: Tensor, logits_fp: Tensor) -> Tensor:
+    """KL(p_fp ‖ p_q) summed over samples (and positions), softmax over the last dim."""
+    return F.kl_div(F.log_softmax(logits_q.float(), -1), F.log_softmax(logits_fp.float(), -1),
+                    log_target=True, reduction="sum")
+
+
+def _block_targets(model, groups, infos, block):
+    mods = dict(model.named_modules())
+    lin = {n: mods[n] for g in groups if g.block == block for n in g.names if isinstance(mods[n], QuantLinear)}
+    attn = {}
+    if block is not None:
+        aq = getattr(mods[infos[block].attention], "s2d_attn_quant", None)
+        if aq is not None:
+            attn = {f"attn.{p}": getattr(aq, p) for p in ("q", "k", "v", "probs")}
+    return lin, attn
+
+
+def _record_block(model, lin, attn, batches, logits_fp, cfg):
+    """Float inputs of the block's Linears / attention quantizers and KL gradients at their outputs."""
+    set_quantization(model, False)
+    xs_lin = TokenCapture(lin)
+    xs_attn = {n: [] for n in attn}
+    handles = [m.register_forward_pre_hook(lambda mod, a, n=n: xs_attn[n].append(a[0].detach()))
+               for n, m in attn.items()]
+    try:
+        for _ in forward_batches(model, batches, xs_lin):
+            pass
+    finally:
+        xs_lin.remove()
+        for h in handles:
+            h.remove()
+    set_quantization(model, True)
+    grads = {n: [] for n in (*lin, *attn)}
+    outs: dict[str, Tensor] = {}
+
+    def keep(name):
+        def hook(mod, args, out):
+            out = out if out.requires_grad else out.detach().requires_grad_(True)
+            outs[name] = out
+            return out
+        return hook
+
+    handles = [m.register_forward_hook(keep(n)) for n, m in {**lin, **attn}.items()]
+    cap = TokenCapture({})
+    try:
+        for i, (batch, out) in enumerate(forward_batches(model, batches, grad=True)):
+            cap.mask = batch.get("attention_mask")
+            names = list(outs)
+            gs = torch.autograd.grad(_kl(out.logits, logits_fp[i]), [outs[n] for n in names], allow_unused=True)
+            for n, gr in zip(names, gs):
+                gr = torch.zeros_like(outs[n]) if gr is None else gr
+                grads[n].append(cap.rows(gr, None).float() if n in lin else gr.detach().float())
+            outs.clear()
+    finally:
+        for h in handles:
+            h.remove()
+    return xs_lin, xs_attn, grads
+
+
+def _search_block(model, groups, infos, block, batches, logits_fp, cfg, gen) -> None:
+    lin, attn = _block_targets(model, groups, infos, block)
+    if not lin and not attn:
+        return
+    xs_lin, xs_attn, grads = _record_block(model, lin, attn, batches, logits_fp, cfg)
+    roles = {n: g.role for g in groups if g.block == block for n in g.names}
+    for n, mod in lin.items():
+        x, g = xs_lin.cat(n), torch.cat(grads[n])
+        idx = subsample(torch.arange(x.shape[0]), cfg.max_tokens, gen)
+        stats = _search_linear(mod, _weight_groups(mod, roles[n]), x[idx], g[idx] if cfg.hessian else None, cfg)
+        logger.debug("ptq4vit %s: distance %.3g -> %.3g", n, stats["initial"], stats["final"])
+    for n, q in attn.items():
+        x, g = torch.cat(xs_attn[n]), torch.cat(grads[n])
+        _search_attn_quantizer(q, x, g if cfg.hessian else None, cfg)
+
+
+@register_method("ptq4vit")
+def ptq4vit(model: nn.Module, spec: QuantSpec, calib: Iterable[dict] | None,
+            config: PTQ4ViTConfig | None = None, progress: bool = True) -> None:
+    """``quantize_model(model, spec, method="ptq4vit", calib=batches, config=PTQ4ViTConfig())``."""
+    cfg = config or PTQ4ViTConfig()
+    if calib is None:
+        raise ValueError("ptq4vit: calib batches are required, got None")
+    groups = linear_groups(model)
+    from s2d.models import blocks
+
+    infos = blocks(model)
+    device = next(model.parameters()).device
+    batches = [{k: v.to(device) if isinstance(v, Tensor) else v for k, v in b.items()}
+               for b in sub_batches(take_samples(calib, cfg.num_samples), cfg.sub_batch)]
+    gen = torch.Generator().manual_seed(cfg.seed)
+    _install_quantizers(model, spec, groups, cfg)
+    with eval_mode(model):
+        calibrate(model, batches, progress=False)
+        _init_scales(model, groups)
+        set_quantization(model, False)
+        logits_fp = [out.logits.detach() for _, out in forward_batches(model, batches)]
+        set_quantization(model, True)
+        for block in tqdm(list(range(len(infos))) + [None], desc="ptq4vit blocks", disable=not progress, leave=False):
+            _search_block(model, groups, infos, block, batches, logits_fp, cfg, gen)
+    set_quantization(model, True)

@@ -1,0 +1,199 @@
+"""RepQ-ViT post-training quantization (Li et al., ICCV 2023), in this project's own code.
+
+What it does, per transformer block in forward order ("lazy" calibration: the blocks before the
+current one are already quantized when its activations are recorded):
+
+1. Record the inputs of the block's Linears and attention matmuls on the calibration samples.
+2. Post-LayerNorm activations (inputs of q/k/v and of fc1): per-channel asymmetric ranges, each the
+   quantile/MSE choice among (min, max) and the (1−p, p) quantiles for p ∈ {0.99999, 0.9999, 0.999};
+   then the scale reparameterisation (``s2d.quant.reparam``) turns them into one per-tensor quantizer:
+   folded into the LayerNorm affine and the consuming Linears for pre-LN ViTs; for post-LN encoders
+   (BERT, MPNet) the norm also feeds the residual stream, so the per-channel affine stays as an
+   explicit input transform of the consuming Linears (``ChannelAffineInput``) and r, s are folded into
+   their weights and bias — see ``s2d.quant.reparam`` for the exact maths and why.
+3. Other Linear inputs (out-proj, fc2, head) and q, k, v: per-tensor asymmetric uniform with the same
+   quantile/MSE search (RepQ-ViT activations are asymmetric whatever ``spec.a_symmetric`` says). Post-softmax probabilities: log-√2 quantizer (Δ by MSE).
+4. Weights (after reparameterisation): uniform per output channel with the quantile/MSE search, with
+   the spec's symmetry (RepQ-ViT's code uses asymmetric weights; pass ``QuantSpec(w_symmetric=False)``
+   for that).
+
+The reparameterisation is exact for the float model, so no extra calibration pass is needed after it
+(the per-tensor range is the one implied by the per-channel ranges). No reconstruction.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from s2d.quant._ptq_common import (
+    capture_inputs, eval_mode, linear_groups, quantile_mse_range, take_samples,
+)
+from s2d.quant.apply import QuantLinear, QuantSpec, register_method
+from s2d.quant.quantizers import LogSqrt2Quantizer, Quantizer, UniformQuantizer
+from s2d.quant.reparam import ChannelAffineInput, channel_affine_from_ranges, fold_into_linear, fold_into_norm
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["RepQConfig", "repq", "repq_calibrate", "input_quantizer", "set_weight_range"]
+
+
+@dataclass(frozen=True)
+class RepQConfig:
+    """RepQ-ViT hyperparameters (paper / public-code defaults).
+
+    quantiles: clipping candidates p (1.0 = min-max) for every uniform range search.
+    reparam: apply the per-channel -> per-tensor reparameterisation to post-LN activations (False:
+        plain per-tensor search, an ablation).
+    num_samples: calibration samples used (the first ones of ``calib``).
+    max_tokens: token rows kept per recorded activation (random subset; bounds memory and time).
+    seed: seed of that subsampling.
+    """
+
+    quantiles: tuple[float, ...] = (1.0, 0.99999, 0.9999, 0.999)
+    reparam: bool = True
+    num_samples: int = 32
+    max_tokens: int | None = 16384
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.quantiles or not all(0.5 < p <= 1.0 for p in self.quantiles):
+            raise ValueError(f"RepQConfig.quantiles must be non-empty with every p in (0.5, 1], got {self.quantiles!r}")
+        object.__setattr__(self, "quantiles", tuple(self.quantiles))
+        if not isinstance(self.num_samples, int) or self.num_samples < 1:
+            raise ValueError(f"RepQConfig.num_samples must be an int >= 1, got {self.num_samples!r}")
+        if self.max_tokens is not None and self.max_tokens < 16:
+            raise ValueError(f"RepQConfig.max_tokens must be None or >= 16, got {self.max_tokens!r}")
+
+
+def input_quantizer(lin: QuantLinear) -> Quantizer:
+    """The per-tensor Quantizer of a QuantLinear's input (inside a ChannelAffineInput if reparameterised)."""
+    iq = lin.input_quantizer
+    return iq.quantizer if isinstance(iq, ChannelAffineInput) else iq
+
+
+def _install_quantizers(model: nn.Module, spec: QuantSpec) -> None:
+    """RepQ-ViT quantizers (activations always asymmetric), all disabled until their block is calibrated."""
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.input_quantizer = UniformQuantizer(spec.a_bits, False, "tensor")
+            m.weight_quantizer = UniformQuantizer(spec.w_bits, spec.w_symmetric, spec.w_granularity, axis=0)
+            m.input_quantizer.enabled = m.weight_quantizer.enabled = False
+        aq = getattr(m, "s2d_attn_quant", None)
+        if aq is not None:
+            for part in ("q", "k", "v"):
+                setattr(aq, part, UniformQuantizer(spec.a_bits, False, "tensor"))
+            aq.probs = LogSqrt2Quantizer(spec.a_bits)
+            for q in (aq.q, aq.k, aq.v, aq.probs):
+                q.enabled = False
+
+
+def set_weight_range(lin: QuantLinear, quantiles: tuple[float, ...]) -> None:
+    """Per-output-channel (or per-tensor) quantile/MSE range of the Linear's current weight; enables it."""
+    wq = lin.weight_quantizer
+    w = lin.weight.detach().float()
+    rows = w if wq.granularity == "channel" else w.reshape(1, -1)
+    lo, hi = quantile_mse_range(rows, wq.bits, wq.symmetric, quantiles)
+    wq.set_range(lo, hi)
+    wq.enabled = True
+
+
+def _set_tensor_range(q: UniformQuantizer, x: Tensor, quantiles: tuple[float, ...]) -> None:
+    lo, hi = quantile_mse_range(x.reshape(1, -1), q.bits, q.symmetric, quantiles)
+    q.set_range(lo, hi)
+    q.enabled = True
+
+
+def _reparam_group(model: nn.Module, lins: list[QuantLinear], x: Tensor, norm_name: str | None,
+                   post_ln: bool, cfg: RepQConfig) -> str:
+    """Per-channel ranges of the shared input x (N, C) -> per-tensor quantizer via reparameterisation."""
+    q0 = input_quantizer(lins[0])
+    lo, hi = quantile_mse_range(x.T.contiguous(), q0.bits, False, cfg.quantiles)
+    aff = channel_affine_from_ranges(lo, hi, q0.bits)
+    norm = model.get_submodule(norm_name) if norm_name else None
+    foldable = (not post_ln and isinstance(norm, nn.LayerNorm) and norm.weight is not None
+                and norm.bias is not None)
+    if foldable:
+        fold_into_norm(norm, aff)
+    for lin in lins:
+        fold_into_linear(lin, aff)
+        q = input_quantizer(lin)
+        if not foldable:
+            lin.input_quantizer = ChannelAffineInput(aff, q)
+        q.set_range(torch.tensor([aff.lo]), torch.tensor([aff.hi]))
+        q.enabled = True
+    return "norm" if foldable else "linear-input"
+
+
+def _calibrate_group_set(model: nn.Module, groups, infos, block: int | None, batches: list[dict],
+                         cfg: RepQConfig, gen: torch.Generator, weights: bool) -> None:
+    """Calibrate every activation quantizer of one block (or of the Linears outside blocks)."""
+    mods = dict(model.named_modules())
+    lin_groups = [g for g in groups if g.block == block]
+    lin_groups = [[n for n in g.names if isinstance(mods[n], QuantLinear)] for g in lin_groups]
+    roles = [g.role for g in groups if g.block == block]
+    targets: dict[str, nn.Module] = {names[0]: mods[names[0]] for names in lin_groups if names}
+    attn = None
+    if block is not None:
+        attn = getattr(mods[infos[block].attention], "s2d_attn_quant", None)
+        if attn is not None:
+            targets.update({f"attn.{p}": getattr(attn, p) for p in ("q", "k", "v", "probs")})
+    unmasked = [n for n in targets if n.startswith("attn.")]
+    xs = capture_inputs(model, targets, batches, cfg.max_tokens, gen, unmasked=unmasked)
+    for names, role in zip(lin_groups, roles):
+        if not names:
+            continue
+        lins = [mods[n] for n in names]
+        x = xs[names[0]]
+        if cfg.reparam and role in ("qkv", "fc1"):
+            info = infos[block]
+            norm = info.attn_in_norm if role == "qkv" else info.mlp_in_norm
+            how = _reparam_group(model, lins, x, norm, info.post_ln, cfg)
+            logger.debug("reparameterised %s input into the %s", names, how)
+        else:
+            for lin in lins:
+                _set_tensor_range(input_quantizer(lin), x, cfg.quantiles)
+        if weights:
+            for lin in lins:
+                set_weight_range(lin, cfg.quantiles)
+    if attn is not None:
+        for p in ("q", "k", "v"):
+            _set_tensor_range(getattr(attn, p), xs[f"attn.{p}"], cfg.quantiles)
+        attn.probs.reset()
+        attn.probs.observe(xs["attn.probs"])
+        attn.probs.finalize()
+        attn.probs.enabled = True
+
+
+def repq_calibrate(model: nn.Module, spec: QuantSpec, calib: Iterable[dict], config: RepQConfig,
+                   progress: bool = True, weights: bool = True) -> list[dict]:
+    """RepQ-ViT calibration of a prepared model, block by block. ``weights=False`` leaves the weight
+    quantizers disabled (ERQ's first step). Returns the calibration batches actually used."""
+    if calib is None:
+        raise ValueError("repq: calib batches are required, got None")
+    groups = linear_groups(model)
+    from s2d.models import blocks
+
+    infos = blocks(model)
+    device = next(model.parameters()).device
+    batches = [{k: v.to(device) if isinstance(v, Tensor) else v for k, v in b.items()}
+               for b in take_samples(calib, config.num_samples)]
+    gen = torch.Generator().manual_seed(config.seed)
+    _install_quantizers(model, spec)
+    steps = list(range(len(infos))) + [None]
+    with eval_mode(model), torch.no_grad():
+        for block in tqdm(steps, desc="repq blocks", disable=not progress, leave=False):
+            _calibrate_group_set(model, groups, infos, block, batches, config, gen, weights)
+    return batches
+
+
+@register_method("repq")
+def repq(model: nn.Module, spec: QuantSpec, calib: Iterable[dict] | None, config: RepQConfig | None = None,
+         progress: bool = True) -> None:
+    """``quantize_model(model, spec, method="repq", calib=batches, config=RepQConfig())``."""
+    repq_calibrate(model, spec, calib, config or RepQConfig(), progress)
+
