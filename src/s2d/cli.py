@@ -35,6 +35,275 @@ def _cmd_assets(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- run
+
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="the main job: fine-tune arms, probe, quantize, report",
+                       description="Fine-tune the same pretrained model with each arm (AdamW, AdamW+S2D, Muon, "
+                                   "S2D-all, QAT, QAT+S2D, sweep arms), probe it, quantize it with every "
+                                   "registered PTQ method at every bit setting, and write results.json, "
+                                   "report.md and figures. Re-running continues an interrupted run.")
+    p.add_argument("config", nargs="?", default=None,
+                   help="experiment TOML (default: the embedded MiniLM-L6 / Rotten Tomatoes config)")
+    p.add_argument("--out", default=None, help="run directory (default runs/<config name>[-quick])")
+    p.add_argument("--quick", action="store_true", help="smoke version: the config's [quick] overrides")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_run)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from s2d.config import load_config
+    from s2d.experiment import run_experiment
+    from s2d.report import format_accuracy_table, format_qat_table, write_report
+
+    cfg = load_config(args.config, quick=args.quick)        # validated before anything runs
+    out = args.out or f"runs/{cfg.name}{'-quick' if args.quick else ''}"
+    result = run_experiment(cfg, out, progress=not args.no_progress)
+    res = write_report(result, out)
+    print(f"\nreport: {out}/report.md   results: {out}/results.json")
+    for note in res["notes"]:
+        print(f"note: {note}")
+    qat = format_qat_table(res)
+    if qat:
+        print("\nQAT accuracy (%)\n" + qat)
+    print(f"\nAccuracy (%), delta vs adamw in pp; wall time {res['wall_s']:.0f} s\n" + format_accuracy_table(res))
+    return 0
+
+
+# --------------------------------------------------------------------------- inspect
+
+def _add_inspect(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("inspect", help="diagnostics of a model: per-layer σ_max, PCDR, max |a|, violins",
+                       description="Per-layer table (σ_max, PCDR_1..k, k_target, max |a|, kurtosis) of every "
+                                   "Linear on a few real batches, and FFN activation violin plots.")
+    p.add_argument("model", help="s2d asset name, local Hugging Face directory, or hub id")
+    p.add_argument("--data", default=None,
+                   help="dataset asset or path (default: rotten-tomatoes for text, fashion-mnist for images)")
+    p.add_argument("--out", default=None, help="output directory (default runs/inspect-<model>)")
+    p.add_argument("--batches", type=int, default=2, help="number of batches to run (default 2)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--k-max", type=int, default=3)
+    p.add_argument("--tau", type=float, default=0.95)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_inspect)
+
+
+def _default_data(model: str) -> str:
+    from s2d import assets
+
+    if model in assets.REGISTRY and "dinov2" in model:
+        return "fashion-mnist"
+    return "rotten-tomatoes"
+
+
+def _task(model: str, data: str | None, *, max_length: int = 64, batch_size: int = 32,
+          limit_train: int | None = None, limit_eval: int | None = None, seed: int = 0):
+    from s2d.config import DataSpec, ModelSpec
+    from s2d.experiment import load_task
+
+    data = data or _default_data(model)
+    return load_task(ModelSpec(model), DataSpec(data, max_length=max_length, limit_train=limit_train,
+                                                limit_eval=limit_eval), batch_size=batch_size,
+                     eval_batch_size=batch_size, seed=seed)
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from itertools import islice
+    from pathlib import Path
+
+    from s2d.experiment import write_json
+    from s2d.report import fig_violins, format_inspect_table
+    from s2d.train import _jsonable, ffn_modules
+
+    from s2d.probes import capture_activations, spectral_table
+
+    if args.batches < 1:
+        raise ValueError(f"--batches must be >= 1, got {args.batches}")
+    bundle, loaders = _task(args.model, args.data, max_length=args.max_length, batch_size=args.batch_size,
+                            limit_eval=args.batches * args.batch_size)
+    batches = list(islice(iter(loaders.test), args.batches))
+    progress = not args.no_progress
+    table = [_jsonable(r) for r in spectral_table(bundle.model, batches, k_max=args.k_max, tau=args.tau,
+                                                  progress=progress)]
+    acts = {k: _jsonable(v) for k, v in capture_activations(bundle.model, batches, modules=ffn_modules(bundle.model),
+                                                            sample_size=2048, progress=progress).items()}
+    out = Path(args.out or f"runs/inspect-{Path(args.model).name}")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "layers.json", {"model": args.model, "layers": table, "activations": acts})
+    fake = {"arms": {args.model: {"activations": acts, "qat_bits": None}}}
+    fig_violins(fake, out / "violins.png")
+    text = format_inspect_table(table)
+    (out / "layers.md").write_text(text + "\n")
+    print(text)
+    print(f"\nwritten: {out}/layers.json, {out}/layers.md, {out}/violins.png")
+    return 0
+
+
+# --------------------------------------------------------------------------- finetune / quantize / evaluate
+
+def _add_finetune(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("finetune", help="fine-tune a model (optionally with S2D / QAT) and save it",
+                       description="Fine-tune MODEL on --data with AdamW or Muon, optionally with S2D and/or "
+                                   "QAT, and save it as a Hugging Face directory (safetensors).")
+    p.add_argument("model", help="s2d asset name, local Hugging Face directory, or hub id")
+    p.add_argument("--data", required=True, help="dataset asset or path")
+    p.add_argument("--out", required=True, help="output directory (the saved model + train.json)")
+    p.add_argument("--optimizer", choices=("adamw", "muon"), default="adamw")
+    p.add_argument("--s2d", action="store_true", help="attach Selective Spectral Decay")
+    p.add_argument("--s2d-strength", type=float, default=5e-4)
+    p.add_argument("--s2d-interval", type=int, default=100)
+    p.add_argument("--s2d-tau", type=float, default=0.95)
+    p.add_argument("--s2d-k-max", type=int, default=3)
+    p.add_argument("--s2d-power", type=float, default=2.0)
+    p.add_argument("--s2d-update", choices=("coupled", "decoupled"), default="coupled")
+    p.add_argument("--s2d-selection", choices=("pcdr", "all"), default="pcdr")
+    p.add_argument("--qat", default=None, metavar="WxAy", help="quantization-aware training at these bits")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--epochs", type=float, default=None)
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--limit-train", type=int, default=None)
+    p.add_argument("--limit-eval", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_finetune)
+
+
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    import dataclasses
+    from pathlib import Path
+
+    from s2d.config import parse_bits
+    from s2d.decay import S2DConfig
+    from s2d.experiment import quant_spec, write_json
+    from s2d.train import TrainConfig, evaluate, finetune
+
+    steps = args.steps if args.steps is not None or args.epochs is not None else 200
+    train_cfg = TrainConfig(steps=steps, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                            eval_batch_size=args.batch_size, seed=args.seed)
+    s2d = S2DConfig(strength=args.s2d_strength, interval=args.s2d_interval, tau=args.s2d_tau,
+                    k_max=args.s2d_k_max, power=args.s2d_power, update=args.s2d_update,
+                    selection=args.s2d_selection) if args.s2d else None
+    qat = quant_spec(parse_bits(args.qat), {}) if args.qat else None
+    bundle, loaders = _task(args.model, args.data, max_length=args.max_length, batch_size=args.batch_size,
+                            limit_train=args.limit_train, limit_eval=args.limit_eval, seed=args.seed)
+    out = Path(args.out)
+    res = finetune(bundle, loaders, train_cfg, optimizer=args.optimizer, s2d=s2d, qat=qat,
+                   out_dir=out / "checkpoints", progress=not args.no_progress)
+    model = bundle.model
+    if qat is not None:
+        from s2d.quant.qat import convert_qat
+        model = convert_qat(model)
+    acc = evaluate(model, loaders.test, progress=not args.no_progress)
+    if qat is None:
+        model.save_pretrained(out)
+        if bundle.tokenizer is not None:
+            bundle.tokenizer.save_pretrained(out)
+    else:
+        from safetensors.torch import save_model
+        save_model(model, str(out / "qat_model.safetensors"))
+    write_json(out / "train.json", {**dataclasses.asdict(res), "test_accuracy": acc})
+    print(f"test accuracy {100 * acc:.2f}%  ->  {out}")
+    return 0
+
+
+def _add_quantize(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("quantize", help="quantize a (fine-tuned) model post-training and evaluate it",
+                       description="PTQ of MODEL with --method at --bits (e.g. W4A4), calibrated on training "
+                                   "batches of --data, then test accuracy (float and quantized).")
+    p.add_argument("model", help="s2d asset name, local Hugging Face directory (e.g. from `s2d finetune`), or hub id")
+    p.add_argument("--data", required=True)
+    p.add_argument("--method", default="rtn", help="PTQ method (registered: see the error message)")
+    p.add_argument("--bits", default="W8A8", help="WxAy, e.g. W4A4")
+    p.add_argument("--calib-samples", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--limit-eval", type=int, default=None)
+    p.add_argument("--out", default=None, help="write the result as JSON here")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_quantize)
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from s2d.config import available_methods, parse_bits
+    from s2d.data import calibration_batches
+    from s2d.experiment import ptq_cell, quant_spec, write_json
+    from s2d.train import evaluate
+
+    bits = parse_bits(args.bits)
+    if args.method not in available_methods():
+        raise ValueError(f"unknown PTQ method {args.method!r}; registered: {', '.join(available_methods())}")
+    bundle, loaders = _task(args.model, args.data, max_length=args.max_length, batch_size=args.batch_size,
+                            limit_eval=args.limit_eval)
+    progress = not args.no_progress
+    calib = calibration_batches(loaders, num_samples=args.calib_samples, batch_size=args.batch_size)
+    fp = evaluate(bundle.model, loaders.test, progress=progress)
+    acc = ptq_cell(bundle.model, quant_spec(bits, {}), args.method, calib, loaders.test, progress)
+    row = {"model": args.model, "data": args.data, "method": args.method, "bits": args.bits,
+           "fp_accuracy": fp, "accuracy": acc}
+    if args.out:
+        write_json(Path(args.out), row)
+    print(f"{args.model} {args.method} {args.bits}: {100 * acc:.2f}% (float {100 * fp:.2f}%)")
+    return 0
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="test accuracy of a model on a dataset",
+                       description="Top-1 accuracy of MODEL on the test split of --data.")
+    p.add_argument("model")
+    p.add_argument("--data", required=True)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--limit-eval", type=int, default=None)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_evaluate)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from s2d.train import evaluate
+
+    bundle, loaders = _task(args.model, args.data, max_length=args.max_length, batch_size=args.batch_size,
+                            limit_eval=args.limit_eval)
+    acc = evaluate(bundle.model, loaders.test, progress=not args.no_progress)
+    print(f"{args.model} on {args.data}: {100 * acc:.2f}%")
+    return 0
+
+
+# --------------------------------------------------------------------------- bench
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="run the performance benchmarks in benchmarks/",
+                       description="Run benchmarks/bench_*.py scripts (each writes its own JSON output).")
+    p.add_argument("names", nargs="*", help="benchmark names (bench_<name>.py); default all")
+    p.add_argument("--dir", default="benchmarks", help="benchmark directory (default ./benchmarks)")
+    p.add_argument("--list", action="store_true", help="list the benchmarks and exit")
+    p.set_defaults(func=_cmd_bench)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import subprocess
+    from pathlib import Path
+
+    scripts = {p.stem.removeprefix("bench_"): p for p in sorted(Path(args.dir).glob("bench_*.py"))}
+    if not scripts:
+        raise FileNotFoundError(f"no benchmarks (bench_*.py) in {args.dir}")
+    if args.list:
+        print("\n".join(scripts))
+        return 0
+    unknown = [n for n in args.names if n not in scripts]
+    if unknown:
+        raise ValueError(f"unknown benchmark {unknown[0]!r}; available: {', '.join(scripts)}")
+    rc = 0
+    for name in args.names or list(scripts):
+        print(f"== {name}")
+        rc = max(rc, subprocess.call([sys.executable, str(scripts[name])]))
+    return rc
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="s2d",
@@ -49,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_SUBCOMMANDS = [_add_assets]
+_SUBCOMMANDS = [_add_run, _add_inspect, _add_finetune, _add_quantize, _add_evaluate, _add_assets, _add_bench]
 
 
 def main(argv: list[str] | None = None) -> int:
