@@ -70,6 +70,7 @@ def main() -> None:
     result = {"model": args.model, "spec": spec.name, "batch": args.batch, "seq": args.seq,
               "samples_per_round": n, "rounds": args.rounds, "float_samples_per_s": round(fp_sps, 2),
               "quant_samples_per_s": round(q_sps, 2), "ratio": round(q_sps / fp_sps, 3),
+              "ratio_per_round": [round(f / q, 3) for f, q in zip(t_fp, t_q)],  # back-to-back pairs
               "float_attn_impl": "sdpa", "threads": torch.get_num_threads(), "torch": torch.__version__,
               "machine": f"{platform.machine()} {os.cpu_count()} CPUs"}
     text = json.dumps(result, indent=2)

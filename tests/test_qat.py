@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from s2d import S2DConfig, SelectiveSpectralDecay
-from s2d.quant.apply import QuantLinear, QuantSpec, quantizers
+from s2d.quant.apply import QuantLinear, QuantSpec, quantizers, set_quantization
 from s2d.quant.qat import EMAQuantizer, QATConfig, convert_qat, prepare_qat
 from s2d.quant.quantizers import UniformQuantizer
 
@@ -127,3 +127,51 @@ def test_config_validation(field, value):
 def test_lsq_requires_calib():
     with pytest.raises(ValueError, match="lsq"):
         prepare_qat(nn.Sequential(nn.Linear(4, 4)), QuantSpec(4, 4), config=QATConfig(act_range="lsq"))
+
+
+def _qat_run(base, x, y, s2d_config=None, steps=12):
+    model = prepare_qat(copy.deepcopy(base), QuantSpec(w_bits=4, a_bits=4), calib=[{"x": x[:64]}], progress=False)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    dec = SelectiveSpectralDecay(model, opt, s2d_config) if s2d_config is not None else None
+    torch.manual_seed(0)
+    for _ in range(steps):
+        model(x, y).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return model, dec
+
+
+def test_qat_plus_s2d_targets_quant_linears_and_changes_their_weights():
+    x, y = _data()
+    base = _pretrained_mlp(x, y)
+    alone, _ = _qat_run(base, x, y)
+    with_s2d, dec = _qat_run(base, x, y, S2DConfig(strength=0.05, interval=4, k_max=1, selection="all"))
+    targets = {s.name for s in dec.layer_stats()}
+    assert targets == {n for n, m in with_s2d.named_modules() if isinstance(m, QuantLinear)} == {"fc1", "fc2"}
+    sigma = lambda m: torch.linalg.matrix_norm(m.fc1.weight.detach(), ord=2).item()  # noqa: E731
+    assert not torch.allclose(alone.fc1.weight, with_s2d.fc1.weight)
+    assert sigma(with_s2d) < sigma(alone)  # the spectral penalty shrinks the top singular value
+    dec.remove()
+
+
+@pytest.mark.parametrize("act_range", ["ema", "lsq"])
+def test_convert_equals_quantized_forward_of_trained_model(act_range):
+    x, y = _data()
+    model = prepare_qat(_pretrained_mlp(x, y), QuantSpec(w_bits=4, a_bits=4), calib=[{"x": x[:64]}],
+                        config=QATConfig(act_range=act_range, momentum=0.1), progress=False)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(5):
+        model(x, y).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    with torch.no_grad():
+        trained = model(x).logits
+        final = convert_qat(copy.deepcopy(model))
+        out = final(x).logits
+        set_quantization(model, False)
+        fp = model(x).logits
+    torch.testing.assert_close(out, trained, rtol=1e-5, atol=1e-6)
+    assert (out - fp).abs().max() > 1e-3  # and it is really quantized
+    # frozen weight steps: symmetric per output channel, max|w_row| / (2^(4-1) - 1), from the trained weights
+    torch.testing.assert_close(final.fc1.weight_quantizer.scale, final.fc1.weight.detach().abs().amax(1) / 7)

@@ -190,3 +190,44 @@ def test_timm_vit_attention():
     set_quantization(q, False)
     torch.testing.assert_close(q(x), ref, rtol=0, atol=1e-5)
     assert sum(isinstance(m, AttentionQuantizers) for m in q.modules()) == 2
+
+
+def test_eval_weight_cache_reused_and_invalidated():
+    lin = torch.nn.Linear(16, 8)
+    model = torch.nn.Sequential(lin)
+    quantize_model(model, QuantSpec(w_bits=4, a_bits=8, quantize_attention=False), calib=[{"input": torch.randn(4, 16)}],
+                   progress=False)
+    with torch.no_grad():
+        w1 = lin.quantized_weight()
+        assert lin.quantized_weight() is w1  # cached: the weight is quantized once
+        torch.testing.assert_close(w1, quantize_dequantize(lin.weight, 4, True, axis=0))
+        lin.weight.mul_(0.5)  # in-place edit -> new _version -> recomputed (scale stays: weights were calibrated)
+        w2 = lin.quantized_weight()
+        assert w2 is not w1
+        torch.testing.assert_close(w2, lin.weight_quantizer.quantize(lin.weight))
+        lin.weight_quantizer.set_range(-lin.weight.abs().amax(1), lin.weight.abs().amax(1))  # re-finalized
+        w3 = lin.quantized_weight()
+        torch.testing.assert_close(w3, quantize_dequantize(lin.weight, 4, True, axis=0))
+        assert not torch.equal(w2, w3)
+    model.train()
+    assert lin.quantized_weight() is not lin.quantized_weight()  # training: always recomputed (autograd)
+
+
+@pytest.mark.parametrize("family", ["bert", "qwen2", "mpnet"])
+def test_inference_fast_paths_match_module_calls(family):
+    """The no-grad fast paths (GEMM-alpha Linear, code-domain attention) equal the plain quantizer calls,
+    which a forward pre-hook on every quantizer forces (hooks disable the fast paths)."""
+    model = _build(family)
+    batch = FAMILIES[family][1]()
+    quantize_model(model, QuantSpec(w_bits=4, a_bits=4), calib=[batch], progress=False)
+    with torch.no_grad():
+        fast = _valid(family, batch, _out(model, batch))
+    calls = []
+    hooks = [q.register_forward_pre_hook(lambda m, a: calls.append(1)) for q in model.modules()
+             if type(q).__name__ == "UniformQuantizer"]
+    with torch.no_grad():
+        slow = _valid(family, batch, _out(model, batch))
+    for h in hooks:
+        h.remove()
+    assert len(calls) > 0
+    torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-5)

@@ -256,3 +256,54 @@ def test_other_quantizers_validate():
         TwinUniformQuantizer(4, "relu")
     with pytest.raises(ValueError, match=r"quantize_dequantize\.bits"):
         quantize_dequantize(torch.randn(3), 17, True)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8, 12])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+def test_inference_fast_path_is_bit_identical_to_torch_kernels(bits, symmetric, granularity):
+    x = torch.randn(6, 33, 10) * torch.linspace(0.1, 4, 10) + 0.2
+    q = _calibrated(UniformQuantizer(bits, symmetric, granularity, axis=-1), x)
+    y = x * 1.3  # partly out of range: clipping included
+    zp = q.zero_point.to(torch.int32)
+    if granularity == "tensor":
+        ref = torch.fake_quantize_per_tensor_affine(y, q.scale.reshape(()), zp.reshape(()), q.qmin, q.qmax)
+    else:
+        ref = torch.fake_quantize_per_channel_affine(y, q.scale, zp, 2, q.qmin, q.qmax)
+    with torch.no_grad():
+        out = q(y)
+    assert torch.equal(out, ref)
+    y.requires_grad_(True)
+    assert torch.equal(q(y).detach(), ref)  # the autograd (fused STE kernel) path gives the same values
+    if granularity == "tensor":
+        with torch.no_grad():
+            c, s = q.fast_codes(y)
+        assert torch.equal(c * s, ref) and torch.equal(c, c.round())
+
+
+def test_param_cache_follows_set_range_and_inplace_edits():
+    x = torch.randn(500)
+    q = _calibrated(UniformQuantizer(4, symmetric=False), x)
+    with torch.no_grad():
+        a = q(x)
+        q.set_range(torch.tensor([-0.5]), torch.tensor([0.5]))
+        b = q(x)
+        ref_b = torch.fake_quantize_per_tensor_affine(x, 1 / 15, round(0.5 * 15 - 1e-4), 0, 15)  # scale 1/15, zp 7
+        q.scale.mul_(2)  # in-place edit of the finalized step
+        c = q(x)
+    torch.testing.assert_close(b, ref_b)
+    assert not torch.equal(a, b) and not torch.equal(b, c)
+    ref_c = torch.fake_quantize_per_tensor_affine(x, 2 / 15, 7, 0, 15)
+    torch.testing.assert_close(c, ref_c)
+
+
+def test_fast_codes_declines_when_hooks_or_grad_need_the_module():
+    x = torch.randn(64)
+    q = _calibrated(UniformQuantizer(4), x)
+    seen = []
+    h = q.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    assert q.fast_codes(x) is None
+    h.remove()
+    assert q.fast_codes(x) is not None
+    assert q.fast_codes(x.clone().requires_grad_(True)) is None
+    assert _calibrated(UniformQuantizer(4, granularity="channel", axis=0), x[None]).fast_codes(x[None]) is None

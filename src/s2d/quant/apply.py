@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from s2d.quant.attention import AttentionQuantizers, attention_modules, install_attention
-from s2d.quant.quantizers import GRANULARITIES, RANGE_METHODS, Quantizer, UniformQuantizer
+from s2d.quant.quantizers import GRANULARITIES, RANGE_METHODS, Quantizer, UniformQuantizer, set_calibration_mask
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +117,57 @@ class QuantLinear(nn.Linear):
         return linear
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
+        w, iq = self.quantized_weight(), self.input_quantizer
+        codes = iq.fast_codes(x) if isinstance(iq, UniformQuantizer) and self.bias is not None else None
+        if codes is None:
+            return F.linear(iq(x), w, self.bias)
+        # x_q = c·s, so x_q @ W_qᵀ + b = s·(c @ W_qᵀ) + b: the step rides on GEMM's alpha (no extra pass)
+        c, s = codes
+        out = torch.addmm(self.bias, c.reshape(-1, c.shape[-1]), w.t(), alpha=s)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    def quantized_weight(self) -> Tensor:
+        """``weight_quantizer(weight)``, (out, in). In eval mode without grad the result is cached and
+        reused until the weight (identity, ``_version``, storage) or the quantizer's state changes, so a
+        frozen model quantizes each weight once. Training / grad-enabled calls always recompute.
+        In-place edits through ``weight.data`` are invisible to the cache: use ``torch.no_grad()`` edits.
+        """
+        w, wq = self.weight, self.weight_quantizer
+        if self.training or torch.is_grad_enabled():
+            self.__dict__.pop("_wq_cache", None)
+            return wq(w)
+        key = (w._version, w.data_ptr(), w.dtype, _state_key(wq))
+        cache = self.__dict__.get("_wq_cache")
+        if cache is not None and cache[0] is w and cache[1] is wq and _same_key(cache[2], key):
+            return cache[3]
+        out = wq(w)
+        self.__dict__["_wq_cache"] = (w, wq, key, out)  # plain attribute: not a buffer, not in state_dict
+        return out
+
+
+def _state_key(m: nn.Module) -> tuple:
+    """Fingerprint of a weight quantizer's state (see :meth:`Quantizer.state_key`; recursive for others)."""
+    if isinstance(m, Quantizer):
+        return m.state_key()
+    tensors = tuple(m.parameters()) + tuple(m.buffers())
+    return (m.training, tensors, tuple((t._version, t.data_ptr()) for t in tensors),
+            tuple(getattr(s, "_state_version", 0) for s in m.modules()))
+
+
+def _same_key(a: tuple, b: tuple) -> bool:
+    """Equality for cache keys holding tensors (compared by identity) and plain values (by ==)."""
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b):
+        if isinstance(x, tuple) and isinstance(y, tuple):
+            if not _same_key(x, y):
+                return False
+        elif isinstance(x, Tensor) or isinstance(y, Tensor):
+            if x is not y:
+                return False
+        elif x != y:
+            return False
+    return True
 
 
 def _matches(name: str, patterns: Iterable[str]) -> bool:
@@ -179,8 +229,13 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items() if k != "labels"}
 
 
-def run_batches(model: nn.Module, batches: Iterable[dict], progress: bool = True, desc: str = "calibrate") -> int:
-    """Run ``model(**batch)`` (labels dropped) in eval mode without grad; returns the number of batches."""
+def run_batches(model: nn.Module, batches: Iterable[dict], progress: bool = True, desc: str = "calibrate",
+                token_mask: bool = False) -> int:
+    """Run ``model(**batch)`` (labels dropped) in eval mode without grad; returns the number of batches.
+
+    ``token_mask``: publish each batch's 2-D ``attention_mask`` via :func:`set_calibration_mask` so that
+    calibrating quantizers with ``token_dims`` ignore padding positions.
+    """
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -188,9 +243,15 @@ def run_batches(model: nn.Module, batches: Iterable[dict], progress: bool = True
     try:
         with torch.no_grad():
             for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
-                model(**_to_device(batch, device))
+                batch = _to_device(batch, device)
+                mask = batch.get("attention_mask")
+                if token_mask and isinstance(mask, Tensor) and mask.dim() == 2:
+                    set_calibration_mask(mask)
+                model(**batch)
+                set_calibration_mask(None)
                 n += 1
     finally:
+        set_calibration_mask(None)
         model.train(was_training)
     return n
 
@@ -220,11 +281,12 @@ def calibrate(model: nn.Module, calib: Iterable[dict], progress: bool = True,
     if only is not None:
         only = set(only)
         qs = {n: q for n, q in qs.items() if n in only}
-    for q in qs.values():
+    for name, q in qs.items():
         q.reset()
         q.calibrating = True
+        q.token_dims = _token_dims(name)
     try:
-        n = run_batches(model, calib, progress)
+        n = run_batches(model, calib, progress, token_mask=True)
     finally:
         for q in qs.values():
             q.calibrating = False
@@ -235,6 +297,14 @@ def calibrate(model: nn.Module, calib: Iterable[dict], progress: bool = True,
             q.finalize()
         else:
             logger.warning("quantizer %s saw no data during calibration", name)
+
+
+def _token_dims(name: str) -> tuple[int, int] | None:
+    """(batch, token) dims of a quantizer's input by role: Linear inputs (B, T, C), attention (B, H, T, ·)."""
+    role = _role(name)
+    if role == "input":
+        return (0, 1)
+    return (0, 2) if role.startswith("attn_") else None
 
 
 def register_method(name: str) -> Callable:

@@ -41,14 +41,20 @@ class AttentionQuantizers(nn.Module):
         self.q, self.k, self.probs, self.v = q, k, probs, v
 
 
-def _apply_mask(scores: Tensor, mask: Tensor | None, key_len: int) -> Tensor:
-    """Add an additive float mask or apply a boolean keep-mask (True = attend) to (B, H, Tq, Tk) scores."""
+def _apply_mask(scores: Tensor, mask: Tensor | None, key_len: int, inplace: bool = False) -> Tensor:
+    """Add an additive float mask or apply a boolean keep-mask (True = attend) to (B, H, Tq, Tk) scores.
+
+    ``inplace``: modify ``scores`` (a fresh temporary owned by the caller) when the mask broadcasts into it.
+    """
     if mask is None:
         return scores
     mask = mask[..., :key_len]
+    inplace = inplace and torch.broadcast_shapes(scores.shape, mask.shape) == scores.shape
     if mask.dtype == torch.bool:
-        return scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-    return scores + mask.to(scores.dtype)
+        fill = torch.finfo(scores.dtype).min
+        return scores.masked_fill_(~mask, fill) if inplace else scores.masked_fill(~mask, fill)
+    mask = mask.to(scores.dtype)
+    return scores.add_(mask) if inplace else scores + mask
 
 
 def quant_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
@@ -59,17 +65,25 @@ def quant_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value
     query (B, H, Tq, D); key, value (B, Hkv, Tk, D) with H a multiple of Hkv (GQA: k/v heads are repeated
     after quantization); attention_mask: additive float or boolean keep-mask broadcastable to
     (B, H, Tq, Tk), or None (then a causal mask is applied when ``kwargs["is_causal"]`` or
-    ``module.is_causal`` is true and Tq > 1). Returns attn_output (B, Tq, H, D) and probs (B, H, Tq, Tk).
+    ``module.is_causal`` is true and Tq > 1). Returns attn_output (B, Tq, H, D) and the softmax
+    probabilities (B, H, Tq, Tk) before quantization.
+
+    Plain static per-tensor quantizers (no hooks, no grad needed) take a faster route with the same
+    numbers up to float rounding: q is scaled by its step and the softmax scaling in one pass, and
+    probs @ v runs on the integer codes with both steps applied to the output.
     """
     aq = getattr(module, "s2d_attn_quant", None)
-    if aq is not None:
-        query, key, value = aq.q(query), aq.k(key), aq.v(value)
-    n_rep = query.shape[1] // key.shape[1]
-    if n_rep > 1:
-        key, value = key.repeat_interleave(n_rep, dim=1), value.repeat_interleave(n_rep, dim=1)
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    # the (quantized) queries are scaled instead of the scores: 1/Tk-th of the work, equal up to rounding
+    if aq is None:
+        query = query * scaling
+    else:
+        qc = _codes(aq.q, query)
+        query = qc[0].mul_(qc[1] * scaling) if qc is not None else aq.q(query) * scaling
+        key = aq.k(key)
+    n_rep = query.shape[1] // key.shape[1]
+    scores = torch.matmul(query, _repeat_kv(key, n_rep).transpose(-1, -2))
     t_q, t_k = scores.shape[-2:]
     if attention_mask is None:
         is_causal = kwargs.get("is_causal")
@@ -77,13 +91,35 @@ def quant_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value
             is_causal = getattr(module, "is_causal", False)
         if is_causal and t_q > 1:
             attention_mask = torch.ones(t_q, t_k, dtype=torch.bool, device=scores.device).tril(t_k - t_q)
-    scores = _apply_mask(scores, attention_mask, t_k)
+    scores = _apply_mask(scores, attention_mask, t_k, inplace=True)  # scores is our own temporary
     probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    if aq is not None:
-        probs = aq.probs(probs)
-    probs_dropped = F.dropout(probs, p=dropout, training=module.training)
-    out = torch.matmul(probs_dropped, value).transpose(1, 2).contiguous()
-    return out, probs
+    out_scale = None
+    if aq is None:
+        probs_q = probs
+    else:
+        pc = _codes(aq.probs, probs)
+        vc = _codes(aq.v, value) if pc is not None else None
+        if vc is not None:  # integer-code matmul, both scales applied once to the (smaller) output
+            (probs_q, s_p), (value, s_v) = pc, vc
+            out_scale = s_p * s_v
+        else:
+            probs_q = pc[0].mul_(pc[1]) if pc is not None else aq.probs(probs)
+            value = aq.v(value)
+    probs_q = F.dropout(probs_q, p=dropout, training=module.training)
+    out = torch.matmul(probs_q, _repeat_kv(value, n_rep))
+    if out_scale is not None:
+        out = out.mul_(out_scale)
+    return out.transpose(1, 2).contiguous(), probs
+
+
+def _repeat_kv(x: Tensor, n_rep: int) -> Tensor:
+    """(B, Hkv, T, D) -> (B, Hkv·n_rep, T, D), each head repeated n_rep times in place (GQA)."""
+    return x.repeat_interleave(n_rep, dim=1) if n_rep > 1 else x
+
+
+def _codes(q: Quantizer, x: Tensor) -> tuple[Tensor, float] | None:
+    fast = getattr(q, "fast_codes", None)
+    return fast(x) if fast is not None else None
 
 
 def register_hf_attention() -> None:

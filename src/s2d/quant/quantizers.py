@@ -19,11 +19,35 @@ import math
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 GRANULARITIES = ("tensor", "channel", "token")
 RANGE_METHODS = ("minmax", "percentile", "mse")
 _EPS = 1e-8
 _MAX_SAMPLES = 1 << 21  # values kept per row for percentile / MSE range search
+_CALIB_TOKEN_MASK: Tensor | None = None  # (B, T) mask of real tokens of the batch being calibrated on
+
+
+def set_calibration_mask(mask: Tensor | None) -> None:
+    """Set (or clear with None) the (B, T) real-token mask of the current calibration batch.
+
+    While set, a calibrating quantizer with ``token_dims = (batch_dim, token_dim)`` observes only the
+    real (unpadded) tokens of inputs whose shape matches the mask on those dims; padding positions do not
+    widen its range. ``s2d.quant.apply.calibrate`` sets it per batch from ``batch["attention_mask"]``.
+    """
+    global _CALIB_TOKEN_MASK
+    _CALIB_TOKEN_MASK = None if mask is None else mask.bool()
+
+
+def _real_tokens(x: Tensor, dims: tuple[int, int] | None) -> Tensor:
+    """Rows of ``x`` at real tokens: (B, T, C) -> (N, C); (B, H, T, D) with dims (0, 2) -> (N, H, D)."""
+    m = _CALIB_TOKEN_MASK
+    if m is None or dims is None or x.dim() < 3 or m.dim() != 2:
+        return x
+    b, t = dims
+    if b != 0 or x.shape[0] != m.shape[0] or x.shape[t] != m.shape[1]:
+        return x
+    return x.movedim(t, 1)[m.to(x.device)]
 
 
 def _check_bits(owner: str, bits: int) -> None:
@@ -112,6 +136,7 @@ class Quantizer(nn.Module):
         self.calibrating = False
         self.calibrated = False
         self.num_observed = 0  # tensors seen while calibrating
+        self.token_dims: tuple[int, int] | None = None  # (batch, token) dims: skip padding when calibrating
 
     def observe(self, x: Tensor) -> None:
         """Accumulate range statistics from ``x`` (no gradient)."""
@@ -129,13 +154,30 @@ class Quantizer(nn.Module):
         """Forget observed statistics (keeps the finalized parameters until the next ``finalize``)."""
         self.num_observed = 0
 
+    def __setattr__(self, name: str, value: object) -> None:
+        super().__setattr__(name, value)
+        if name not in ("_state_version", "num_observed"):  # any reconfiguration invalidates caches
+            object.__setattr__(self, "_state_version", self.__dict__.get("_state_version", 0) + 1)
+
+    def state_key(self) -> tuple:
+        """Cheap fingerprint of everything the quantizer's output depends on besides its input.
+
+        Changes whenever an attribute is (re)assigned, a parameter / buffer is modified in place (its
+        ``_version``) or moved (``data_ptr``). In-place edits through ``.data`` are not tracked.
+        """
+        tensors = tuple(t for t in (*self._parameters.values(), *self._buffers.values()) if t is not None)
+        return (self.__dict__.get("_state_version", 0), self.enabled, self.calibrating, self.training,
+                tensors, tuple((t._version, t.data_ptr()) for t in tensors))
+
     def forward(self, x: Tensor) -> Tensor:
         if not self.enabled:
             return x
         if self.calibrating:
-            with torch.no_grad():
-                self.observe(x.detach())
-            self.num_observed += 1
+            seen = _real_tokens(x.detach(), self.token_dims)
+            if seen.numel():
+                with torch.no_grad():
+                    self.observe(seen)
+                self.num_observed += 1
             return x
         if not self.calibrated:
             raise RuntimeError(f"{type(self).__name__} used before calibration: run calibrate() / finalize() first")
@@ -318,22 +360,72 @@ class UniformQuantizer(Quantizer):
             scale, zp = scale_zero_point(lo, hi, self.bits, self.symmetric)
         else:
             scale, zp = self.scale, self.zero_point
-            if not self.learnable and x.dtype == torch.float32 and self.granularity != "token":
-                return self._fused(x, scale, zp)
+            if not self.learnable and x.dtype == torch.float32:
+                if not (x.requires_grad and torch.is_grad_enabled()):
+                    return self._fast(x)
+                return self._fused(x)
             if self.learnable:
                 per_scale = x.numel() / scale.numel()  # elements sharing one scale
                 scale = _grad_scale(scale.abs().clamp_min(_EPS), 1.0 / math.sqrt(per_scale * self.qmax))
         return fake_quant(x, self._shaped(scale.to(x.dtype), x), self._shaped(zp.to(x.dtype), x),
                           self.qmin, self.qmax)
 
-    def _fused(self, x: Tensor, scale: Tensor, zp: Tensor) -> Tensor:
-        """torch's fused fake-quant kernels (same clipped-STE gradient; they multiply by 1/scale, so a
-        value exactly half-way between two levels may round the other way than :func:`fake_quant`)."""
-        zp = zp.to(torch.int32)
+    def _static_params(self, x: Tensor) -> tuple:
+        """Finalized (scale, 1/scale, lowest code − z, highest code − z, int32 z), computed once per
+        (scale, zero point) state and layout: Python floats per tensor, broadcastable tensors per channel."""
+        s, z = self.scale, self.zero_point
+        layout = (x.ndim, self.axis % x.ndim if self.granularity == "channel" else None, x.device)
+        key = (s, s._version, s.data_ptr(), z, z._version, z.data_ptr(), self.qmin, self.qmax, layout)
+        cache = self.__dict__.get("_param_cache")
+        if cache is not None and len(cache[0]) == len(key) and all(a is b or (type(a) is not Tensor and a == b)
+                                                                   for a, b in zip(cache[0], key)):
+            return cache[1]
+        s32 = s.detach().float().reshape(-1).to(x.device)
+        inv = 1.0 / s32  # float32 reciprocal, exactly as torch's fake-quant kernels compute it
+        z32 = z.detach().float().reshape(-1).to(x.device)
+        lo, hi = self.qmin - z32, self.qmax - z32
         if self.granularity == "tensor":
-            return torch.fake_quantize_per_tensor_affine(x, scale.reshape(()).float(), zp.reshape(()),
-                                                         self.qmin, self.qmax)
-        return torch.fake_quantize_per_channel_affine(x, scale.float(), zp, self.axis % x.ndim, self.qmin, self.qmax)
+            params = (float(s32), float(inv), float(lo), float(hi), z32.to(torch.int32).reshape(()))
+        else:
+            shape = _broadcast_shape(x.ndim, layout[1], s32.numel())
+            params = (s32.view(shape), inv.view(shape), lo.view(shape), hi.view(shape), z32.to(torch.int32))
+        self.__dict__["_param_cache"] = (key, params)  # plain attribute: not a buffer, not in state_dict
+        return params
+
+    def _fast(self, x: Tensor) -> Tensor:
+        """No-grad fake quantization with cached parameters: ``clamp(round(x·(1/s)), qmin−z, qmax−z)·s``.
+
+        Bit-identical to ``torch.fake_quantize_per_{tensor,channel}_affine`` (same float32 reciprocal,
+        round half to even; integer-valued floats are exact) but one allocation, four vectorised passes
+        and no gradient mask.
+        """
+        scale, inv, lo, hi, _ = self._static_params(x)
+        return x.mul(inv).round_().clamp_(lo, hi).mul_(scale)
+
+    def fast_codes(self, x: Tensor) -> tuple[Tensor, float] | None:
+        """``(c, s)`` with ``c * s`` bit-identical to ``self(x)``: c = clamp(round(x/s), qmin−z, qmax−z), a
+        new tensor of zero-shifted integer codes, s the step (a float). Lets a consumer apply the step to
+        a smaller tensor (e.g. a matmul output). Only for a finalized, static, non-learnable per-tensor
+        quantizer on float32 input needing no gradient, with no forward hooks (which must still see the
+        call) and no overridden forward; ``None`` otherwise: then call the module.
+        """
+        if (not self.enabled or self.calibrating or not self.calibrated or self.dynamic or self.learnable
+                or self.granularity != "tensor" or x.dtype != torch.float32
+                or (x.requires_grad and torch.is_grad_enabled()) or type(self).forward is not UniformQuantizer.forward
+                or self._forward_hooks or self._forward_pre_hooks or _global_forward_hooks
+                or _global_forward_pre_hooks):
+            return None
+        scale, inv, lo, hi, _ = self._static_params(x)
+        return x.mul(inv).round_().clamp_(lo, hi), scale
+
+    def _fused(self, x: Tensor) -> Tensor:
+        """torch's fused fake-quant kernels with the clipped-STE gradient (they multiply by 1/scale, so a
+        value exactly half-way between two levels may round the other way than :func:`fake_quant`)."""
+        _, _, _, _, zp = self._static_params(x)
+        scale = self.scale.detach().float().reshape(-1).to(x.device)
+        if self.granularity == "tensor":
+            return torch.fake_quantize_per_tensor_affine(x, scale.reshape(()), zp, self.qmin, self.qmax)
+        return torch.fake_quantize_per_channel_affine(x, scale, zp, self.axis % x.ndim, self.qmin, self.qmax)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.enabled and self.dynamic and not self.calibrating:
