@@ -21,13 +21,15 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
 run: setup
+	$(VENV)/bin/s2d assets fetch minilm-l6 rotten-tomatoes
 	$(VENV)/bin/s2d run --out runs/default
 
 quick: setup
+	$(VENV)/bin/s2d assets fetch minilm-l6 rotten-tomatoes
 	$(VENV)/bin/s2d run --quick --out runs/quick
 
 bench: setup
-	$(PY) benchmarks/bench_spectral.py
+	$(VENV)/bin/s2d bench
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info
