@@ -54,19 +54,13 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
 def _cmd_run(args: argparse.Namespace) -> int:
     from s2d.config import load_config
     from s2d.experiment import run_experiment
-    from s2d.report import format_accuracy_table, format_qat_table, write_report
+    from s2d.report import terminal_summary, write_report
 
     cfg = load_config(args.config, quick=args.quick)        # validated before anything runs
     out = args.out or f"runs/{cfg.name}{'-quick' if args.quick else ''}"
     result = run_experiment(cfg, out, progress=not args.no_progress)
     res = write_report(result, out)
-    print(f"\nreport: {out}/report.md   results: {out}/results.json")
-    for note in res["notes"]:
-        print(f"note: {note}")
-    qat = format_qat_table(res)
-    if qat:
-        print("\nQAT accuracy (%)\n" + qat)
-    print(f"\nAccuracy (%), delta vs adamw in pp; wall time {res['wall_s']:.0f} s\n" + format_accuracy_table(res))
+    print("\n" + terminal_summary(res, out))
     return 0
 
 
@@ -92,7 +86,7 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
 def _default_data(model: str) -> str:
     from s2d import assets
 
-    if model in assets.REGISTRY and "dinov2" in model:
+    if (model in assets.REGISTRY and "dinov2" in model) or model.startswith("timm:"):
         return "fashion-mnist"
     return "rotten-tomatoes"
 

@@ -109,6 +109,10 @@ class DataSpec:
         _opt_int("data.limit_train", self.limit_train, 1)
         _opt_int("data.limit_eval", self.limit_eval, 1)
         _opt_int("data.calib_samples", self.calib_samples, 1)
+        if self.format not in (None, "csv", "jsonl", "imagefolder", "npz"):
+            raise ValueError(f"data.format must be one of csv, jsonl, imagefolder, npz, got {self.format!r}")
+        _check_str("data.text_column", self.text_column)
+        _check_str("data.label_column", self.label_column)
 
 
 @dataclass(frozen=True)
@@ -121,12 +125,37 @@ class ArmSpec:
     qat_bits: tuple[int, int] | None = None
 
 
+# PTQ method -> (module, config dataclass) for `[quant.config.<method>]` tables.
+METHOD_CONFIGS = {"ptq4vit": ("s2d.quant.ptq4vit", "PTQ4ViTConfig"), "repq": ("s2d.quant.repq", "RepQConfig"),
+                  "erq": ("s2d.quant.erq", "ERQConfig")}
+
+
 @dataclass(frozen=True)
 class QuantPlan:
-    """PTQ grid: (w_bits, a_bits) settings x methods ("all" = every registered method)."""
+    """PTQ grid: (w_bits, a_bits) settings x methods ("all" = every registered method).
+
+    spec: extra QuantSpec fields (a_range, quantize_head, ...).  config: method -> overrides of its
+    config dataclass (paper defaults otherwise).  method_bits: method -> the bit settings it runs at
+    (default: all of `bits`), to keep expensive methods to the settings that matter on small machines.
+    """
     bits: tuple[tuple[int, int], ...] = ((8, 8), (6, 6), (5, 5), (4, 4), (3, 4))
     methods: tuple[str, ...] = ("all",)
-    spec: dict = field(default_factory=dict)   # extra QuantSpec fields (a_range, quantize_head, ...)
+    spec: dict = field(default_factory=dict)
+    config: dict = field(default_factory=dict)
+    method_bits: dict = field(default_factory=dict)
+
+    def runs(self, method: str, bits: tuple[int, int]) -> bool:
+        """Whether the grid has a cell for `method` at `bits`."""
+        return bits in self.method_bits.get(method, self.bits)
+
+    def method_config(self, method: str) -> Any:
+        """The method's config dataclass with this plan's overrides (None for config-less methods)."""
+        if method not in METHOD_CONFIGS:
+            return None
+        import importlib
+
+        module, cls = METHOD_CONFIGS[method]
+        return getattr(importlib.import_module(module), cls)(**self.config.get(method, {}))
 
 
 @dataclass(frozen=True)
@@ -156,7 +185,7 @@ class ExperimentConfig:
 
     def fingerprint(self) -> str:
         """sha256 of the canonical merged config; a run directory belongs to exactly one."""
-        return hashlib.sha256(json.dumps(self.raw, sort_keys=True).encode()).hexdigest()[:16]
+        return hashlib.sha256(json.dumps(self.raw, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -171,15 +200,25 @@ def _opt_int(name: str, value: Any, low: int) -> None:
         raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
-def parse_bits(text: str) -> tuple[int, int]:
-    """"W4A4" -> (4, 4); bit widths must lie in [2, 16]."""
-    m = re.fullmatch(r"[Ww](\d+)[Aa](\d+)", str(text).strip())
+def parse_bits(text: str, name: str = "bit setting") -> tuple[int, int]:
+    """"W4A4" -> (4, 4); bit widths must lie in [2, 16]. `name` is the field named in errors."""
+    m = re.fullmatch(r"[Ww](\d+)[Aa](\d+)", text.strip()) if isinstance(text, str) else None
     if not m:
-        raise ValueError(f"bit setting must look like 'W4A4', got {text!r}")
+        raise ValueError(f"{name} must look like 'W4A4', got {text!r}")
     w, a = int(m.group(1)), int(m.group(2))
     if not (2 <= w <= 16 and 2 <= a <= 16):
-        raise ValueError(f"bit widths must be in [2, 16], got {text!r}")
+        raise ValueError(f"{name}: bit widths must be in [2, 16], got {text!r}")
     return w, a
+
+
+def _bits_list(name: str, value: Any, allow_empty: bool = False) -> tuple[tuple[int, int], ...]:
+    """A TOML list of "WxAy" strings -> tuple of (w, a); errors name the field."""
+    if not isinstance(value, list) or (not value and not allow_empty):
+        raise ValueError(f"{name} must be a {'' if allow_empty else 'non-empty '}list like [\"W4A4\"], got {value!r}")
+    out = tuple(parse_bits(b, name) for b in value)
+    if len(set(out)) != len(out):
+        raise ValueError(f"{name} lists a bit setting twice: {value!r}")
+    return out
 
 
 def bits_name(bits: tuple[int, int]) -> str:
@@ -194,14 +233,37 @@ def _deep_merge(base: dict, over: dict) -> dict:
 
 
 def _known(section: str, table: Any, cls: type | None, extra: tuple[str, ...] = ()) -> dict:
-    """Copy of `table` after checking its keys are fields of `cls` (or in `extra`)."""
+    """Copy of `table` after checking its keys are fields of `cls` (or in `extra`) and that each value
+    has the type of the field's default (numbers for numbers, strings for strings, ...)."""
     if not isinstance(table, dict):
         raise ValueError(f"[{section}] must be a table, got {table!r}")
     allowed = ({f.name for f in fields(cls)} if cls is not None else set()) | set(extra)
     unknown = sorted(set(table) - allowed)
     if unknown:
         raise ValueError(f"unknown key {section}.{unknown[0]}; allowed: {', '.join(sorted(allowed))}")
+    if cls is not None:
+        defaults = {f.name: f.default for f in fields(cls)}
+        for key, value in table.items():
+            _check_type(f"{section}.{key}", value, defaults.get(key))
     return dict(table)
+
+
+def _check_type(name: str, value: Any, default: Any) -> None:
+    """Raise if `value` cannot stand for a field whose default is `default` (None/MISSING: no check)."""
+    if isinstance(default, bool):
+        ok, want = isinstance(value, bool), "true or false"
+    elif isinstance(default, int):
+        ok, want = isinstance(value, int) and not isinstance(value, bool), "an integer"
+    elif isinstance(default, float):
+        ok, want = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+    elif isinstance(default, str):
+        ok, want = isinstance(value, str), "a string"
+    elif isinstance(default, tuple):
+        ok, want = isinstance(value, (list, tuple)), "a list"
+    else:
+        return
+    if not ok:
+        raise ValueError(f"{name} must be {want}, got {value!r}")
 
 
 def available_methods() -> list[str]:
@@ -256,11 +318,11 @@ def _build_arms(table: dict, sweep: dict, base_s2d: Any) -> tuple[ArmSpec, ...]:
     names = table.get("names", ["adamw", "adamw+s2d"])
     if not isinstance(names, list) or not names:
         raise ValueError(f"arms.names must be a non-empty list, got {names!r}")
-    qat_bits = [parse_bits(b) for b in table.get("qat_bits", ["W4A4", "W3A4"])]
+    qat_bits = _bits_list("arms.qat_bits", table.get("qat_bits", ["W4A4", "W3A4"]), allow_empty=True)
     all_s2d = replace(base_s2d, selection="all")
     arms: list[ArmSpec] = []
     for kind in names:
-        if kind not in ARM_KINDS:
+        if not isinstance(kind, str) or kind not in ARM_KINDS:
             raise ValueError(f"unknown arm {kind!r} in arms.names; allowed: {', '.join(ARM_KINDS)}")
         opt = "muon" if kind.startswith("muon") else "adamw"
         s2d = all_s2d if kind == "adamw+s2d-all" else base_s2d if kind.endswith("+s2d") else None
@@ -284,22 +346,47 @@ def _build_arms(table: dict, sweep: dict, base_s2d: Any) -> tuple[ArmSpec, ...]:
     return tuple(arms)
 
 
-def _build_quant(table: dict) -> QuantPlan:
-    table = _known("quant", table, QuantPlan)
-    bits = tuple(parse_bits(b) for b in table.get("bits", ["W8A8", "W6A6", "W5A5", "W4A4", "W3A4"]))
+def _build_quant(table: dict, quick: bool = False) -> QuantPlan:
+    from s2d.quant.apply import QuantSpec
+
+    table = _known("quant", table, None, tuple(f.name for f in fields(QuantPlan)))
+    bits = _bits_list("quant.bits", table.get("bits", ["W8A8", "W6A6", "W5A5", "W4A4", "W3A4"]), allow_empty=True)
     methods = table.get("methods", ["all"])
     if isinstance(methods, str):
         methods = [methods]
-    if not methods:
-        raise ValueError("quant.methods must list at least one method (or 'all')")
+    if not isinstance(methods, list) or not methods:
+        raise ValueError(f"quant.methods must list at least one method (or 'all'), got {methods!r}")
     registered = available_methods()
     for m in methods:
         if m != "all" and m not in registered:
             raise ValueError(f"unknown PTQ method {m!r} in quant.methods; registered: {', '.join(registered)}")
-    spec = table.get("spec", {})
-    from s2d.quant.apply import QuantSpec
+    spec = _known("quant.spec", table.get("spec", {}), QuantSpec)
+    for key in ("w_bits", "a_bits"):
+        if key in spec:
+            raise ValueError(f"quant.spec.{key} is set per cell from quant.bits; remove it from [quant.spec]")
     QuantSpec(**spec)                                    # validates the extra fields
-    return QuantPlan(bits=bits, methods=tuple(methods), spec=dict(spec))
+    method_bits = {}
+    for m, settings in _known("quant.method_bits", table.get("method_bits", {}), None, tuple(registered)).items():
+        method_bits[m] = _bits_list(f"quant.method_bits.{m}", settings, allow_empty=True)
+        extra = [bits_name(b) for b in method_bits[m] if b not in bits]
+        if extra and not quick:                          # --quick may shrink quant.bits below method_bits
+            raise ValueError(f"quant.method_bits.{m}: {extra[0]} is not in quant.bits "
+                             f"[{', '.join(map(bits_name, bits))}]")
+    configs = _known("quant.config", table.get("config", {}), None, tuple(METHOD_CONFIGS))
+    for m, over in configs.items():
+        _known(f"quant.config.{m}", over, _method_config_class(m))
+    plan = QuantPlan(bits=bits, methods=tuple(methods), spec=dict(spec), config=dict(configs),
+                     method_bits=method_bits)
+    for m in configs:
+        plan.method_config(m)                            # validates the values
+    return plan
+
+
+def _method_config_class(method: str) -> type:
+    import importlib
+
+    module, cls = METHOD_CONFIGS[method]
+    return getattr(importlib.import_module(module), cls)
 
 
 def from_dict(raw: dict, quick: bool = False, check_names: bool = True) -> ExperimentConfig:
@@ -313,9 +400,24 @@ def from_dict(raw: dict, quick: bool = False, check_names: bool = True) -> Exper
     if unknown:
         raise ValueError(f"unknown config section {unknown[0]!r}; allowed: {', '.join(SECTIONS)}")
     quick_over = raw.get("quick", {})
+    if not isinstance(quick_over, dict):
+        raise ValueError(f"[quick] must be a table of section overrides, got {quick_over!r}")
+    bad = sorted(set(quick_over) - set(SECTIONS) - {"quick"}) or sorted(k for k in quick_over if k == "quick")
+    if bad:
+        raise ValueError(f"unknown section quick.{bad[0]}; allowed: {', '.join(s for s in SECTIONS if s != 'quick')}")
+    if not quick and quick_over:
+        try:                                     # a typo in [quick] fails now, not at the first --quick run
+            from_dict(raw, quick=True, check_names=False)
+        except ValueError as err:
+            raise ValueError(f"[quick]: {err}") from None
     merged = {k: v for k, v in raw.items() if k != "quick"}
     if quick:
-        merged = _deep_merge(merged, quick_over if quick_over else _DEFAULT_QUICK)
+        over = quick_over if quick_over else _DEFAULT_QUICK
+        merged = _deep_merge(merged, over)
+        quick_train = over.get("train", {}) if isinstance(over.get("train"), dict) else {}
+        for key, other in (("steps", "epochs"), ("epochs", "steps")):   # a quick run length replaces the other
+            if key in quick_train and isinstance(merged.get("train"), dict):
+                merged["train"].pop(other, None)
         merged["quick"] = True
     for sec in ("model", "data"):
         if sec not in merged:
@@ -332,11 +434,14 @@ def from_dict(raw: dict, quick: bool = False, check_names: bool = True) -> Exper
     if "include" in s2d_tab and isinstance(s2d_tab["include"], list):
         s2d_tab["include"] = tuple(s2d_tab["include"])
     base_s2d = S2DConfig(**s2d_tab)
-    arms = _build_arms(merged.get("arms", {}), merged.get("sweep", {}), base_s2d)
-    quant = _build_quant(merged.get("quant", {}))
+    sweep = _known("sweep", merged.get("sweep", {}), None, SWEEP_KEYS)
+    arms = _build_arms(merged.get("arms", {}), sweep, base_s2d)
+    quant = _build_quant(merged.get("quant", {}), quick)
     probes = ProbeSpec(**_known("probes", merged.get("probes", {}), ProbeSpec))
     name = merged.get("name", "experiment")
-    _check_str("name", name)
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][\w.+-]*", name):
+        raise ValueError(f"name must be a non-empty string of letters, digits, '_', '.', '+', '-' "
+                         f"(it names the run directory), got {name!r}")
     if check_names:
         _check_model(model.name)
         _check_dataset(data.dataset)

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from s2d.config import ArmSpec, DataSpec, ExperimentConfig, ModelSpec, available_methods, bits_name, scale_interval
-from s2d.train import TrainConfig, _jsonable, evaluate, ffn_modules, finetune
+from s2d.train import _jsonable, evaluate, ffn_modules, finetune
 
 logger = logging.getLogger(__name__)
 
@@ -102,11 +102,17 @@ class RunDir:
         """Bind the directory to `cfg`; refuse (ValueError) if it holds a run of another config."""
         fp_file = self.root / "fingerprint.json"
         if fp_file.exists():
-            old = json.loads(fp_file.read_text())
-            if old.get("fingerprint") != cfg.fingerprint():
+            try:
+                old = json.loads(fp_file.read_text()).get("fingerprint")
+            except (json.JSONDecodeError, AttributeError):
+                old = None
+            if old != cfg.fingerprint():
                 raise ValueError(f"{self.root} holds a run of a different config (fingerprint "
-                                 f"{old.get('fingerprint')} != {cfg.fingerprint()}); use another --out")
+                                 f"{old} != {cfg.fingerprint()}); use another --out")
             return
+        if self.root.exists() and any(self.root.iterdir()):
+            raise ValueError(f"{self.root} is not empty and holds no s2d run (no fingerprint.json); "
+                             "use an empty or new --out directory")
         write_json(fp_file, {"fingerprint": cfg.fingerprint(), "config": cfg.raw})
 
     def arm_dir(self, arm: str) -> Path:
@@ -171,12 +177,12 @@ def probe_model(model: nn.Module, batches: list[dict], s2d_cfg: Any, sample_size
 
 
 def ptq_cell(float_model: nn.Module, spec: Any, method: str, calib: list[dict], loader: Any,
-             progress: bool) -> float:
-    """Accuracy of a deepcopy of `float_model` quantized with `method` at `spec`."""
+             progress: bool, config: Any = None) -> float:
+    """Accuracy of a deepcopy of `float_model` quantized with `method` (and its `config`) at `spec`."""
     from s2d.quant.apply import quantize_model
 
     qmodel = copy.deepcopy(float_model)
-    quantize_model(qmodel, spec, method=method, calib=calib, progress=progress)
+    quantize_model(qmodel, spec, method=method, calib=calib, config=config, progress=progress)
     acc = evaluate(qmodel, loader, progress=progress)
     del qmodel
     return acc
@@ -282,18 +288,24 @@ def run_experiment(cfg: ExperimentConfig, out_dir: Path | str, progress: bool = 
             continue
         for bits in cfg.quant.bits:
             for method in methods:
+                if not cfg.quant.runs(method, bits):
+                    continue
                 cell = run.load_cell(arm.name, method, bits_name(bits))
                 if cell is None:
                     if model is None:
                         model = load_arm_model(arm, pristine, run)
                     tc = time.perf_counter()
-                    acc = cell_fn(model, quant_spec(bits, cfg.quant.spec), method, calib, loaders.test, progress)
+                    acc = cell_fn(model, quant_spec(bits, cfg.quant.spec), method, calib, loaders.test, progress,
+                                  cfg.quant.method_config(method))
                     cell = CellResult(arm.name, method, bits_name(bits), bits[0], bits[1], acc,
                                       time.perf_counter() - tc)
                     run.save_cell(cell)
                     logger.info("PTQ %s %s %s: %.4f", arm.name, method, cell.bits, acc)
                 cells.append(dataclasses.asdict(cell))
         del model
+    from s2d.report import machine, versions
+
     return ExperimentResult(config=cfg.raw, fingerprint=cfg.fingerprint(), arms=results, cells=cells,
-                            methods=methods, notes=notes, wall_s=time.perf_counter() - t0)
+                            methods=methods, notes=notes, wall_s=time.perf_counter() - t0,
+                            versions=versions(), machine=machine())
 

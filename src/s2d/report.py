@@ -57,37 +57,55 @@ def _bits_key(bits: str) -> tuple[int, int]:
     return -int(w), -int(a)
 
 
-def accuracy_rows(res: dict, baseline: str = "adamw") -> list[dict]:
-    """Rows of the main table: first "FP" (full precision), then each (bits, method) in descending bits.
+def qat_kinds(res: dict) -> list[str]:
+    """Kinds of the QAT arms ("qat", "qat+s2d"), in config order: the QAT columns of the main table."""
+    return list(dict.fromkeys(a["kind"] for a in res["arms"].values() if a.get("qat_bits")))
 
-    Each row: {"bits", "method", "values": {arm: accuracy}, "deltas": {arm: (acc - baseline acc) * 100}}
-    (deltas in percentage points; empty when the baseline has no value in that row).
+
+def table_columns(res: dict) -> list[str]:
+    """Columns of the main table: the float arms, then one column per QAT kind."""
+    return float_arms(res) + qat_kinds(res)
+
+
+def accuracy_rows(res: dict, baseline: str = "adamw", qat_baseline: str = "qat") -> list[dict]:
+    """Rows of the main (Table-2 style) table: "FP" first, then per bit setting (descending) one row per
+    PTQ method and, where QAT arms trained at that setting, a "QAT" row holding each QAT arm's
+    accuracy at its own bits under its kind's column.
+
+    Each row: {"bits", "method", "baseline", "values": {column: accuracy}, "deltas": {column: (acc -
+    baseline acc) * 100}} (percentage points; empty when the row's baseline has no value). The
+    baseline is `baseline` for FP/PTQ rows and `qat_baseline` for QAT rows.
     """
     arms = float_arms(res)
-    rows = [{"bits": "FP", "method": "-", "values": {a: res["arms"][a]["fp_accuracy"] for a in arms}}]
+    rows = [{"bits": "FP", "method": "-", "baseline": baseline,
+             "values": {a: res["arms"][a]["fp_accuracy"] for a in arms}}]
     grid: dict[tuple[str, str], dict[str, float]] = {}
     for c in res["cells"]:
         grid.setdefault((c["bits"], c["method"]), {})[c["arm"]] = c["accuracy"]
-    for bits, method in sorted(grid, key=lambda k: (_bits_key(k[0]), k[1])):
-        rows.append({"bits": bits, "method": method, "values": grid[(bits, method)]})
+    for a in res["arms"].values():
+        if a.get("qat_bits"):
+            grid.setdefault((a["qat_bits"], "QAT"), {})[a["kind"]] = a["qat_accuracy"]
+    # within a bit setting: PTQ methods alphabetically, then QAT
+    for bits, method in sorted(grid, key=lambda k: (_bits_key(k[0]), k[1] == "QAT", k[1])):
+        rows.append({"bits": bits, "method": method, "baseline": qat_baseline if method == "QAT" else baseline,
+                     "values": grid[(bits, method)]})
     for row in rows:
-        base = row["values"].get(baseline)
+        base = row["values"].get(row["baseline"])
         row["deltas"] = {} if base is None else {a: (v - base) * 100 for a, v in row["values"].items()}
     return rows
 
 
-def format_accuracy_table(res: dict, baseline: str = "adamw") -> str:
-    """Markdown of `accuracy_rows`: accuracy in %, delta vs the baseline in parentheses."""
-    arms = float_arms(res)
-    head = "| bits | method | " + " | ".join(arms) + " |"
-    lines = [head, "|" + "---|" * (len(arms) + 2)]
-    for row in accuracy_rows(res, baseline):
+def format_accuracy_table(res: dict, baseline: str = "adamw", qat_baseline: str = "qat") -> str:
+    """Markdown of `accuracy_rows`: accuracy in %, delta vs the row's baseline in parentheses (pp)."""
+    cols = table_columns(res)
+    lines = ["| bits | method | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 2)]
+    for row in accuracy_rows(res, baseline, qat_baseline):
         cells = []
-        for a in arms:
+        for a in cols:
             v = row["values"].get(a)
             if v is None:
                 cells.append("-")
-            elif a == baseline or a not in row["deltas"]:
+            elif a == row["baseline"] or a not in row["deltas"]:
                 cells.append(f"{100 * v:.2f}")
             else:
                 cells.append(f"{100 * v:.2f} ({row['deltas'][a]:+.2f})")
@@ -156,7 +174,7 @@ def format_layer_table(res: dict, arms: list[str] | None = None) -> str:
 def format_inspect_table(layers: list[dict]) -> str:
     """Markdown table of `LayerReport` dicts: σ_max, PCDR_1..k, k_target, max |a|, kurtosis per layer."""
     k = max((len(r["pcdr"]) for r in layers), default=0)
-    head = ["layer", "role", "shape", "σ_max"] + [f"PCDR_{i + 1}" for i in range(k)] + ["k_target", "max |a|", "kurtosis"]
+    head = ["layer", "role", "shape", "σ_max"] + [f"PCDR_{i + 1}" for i in range(k)] + ["k_target", r"max \|a\|", "kurtosis"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in layers:
         pcdr = [f"{v:.3f}" for v in r["pcdr"]] + ["-"] * (k - len(r["pcdr"]))
@@ -198,51 +216,65 @@ def fig_outliers_over_steps(res: dict, path: Path) -> Path:
     return path
 
 
-def fig_violins(res: dict, path: Path, arms: list[str] | None = None) -> Path:
-    """Fig. 2: violin plots of FFN activation samples per layer, one colour per arm; x marks max |a|."""
+def fig_violins(res: dict, path: Path, arms: list[str] | None = None, ncols: int = 4) -> Path:
+    """Fig. 2: violin plots of FFN activation samples, one panel per layer, one violin per arm (all
+    arms by default, QAT arms through their float path); x marks each arm's max |a| (symlog axis)."""
     plt = _plt()
-    arms = arms or float_arms(res)
+    arms = arms or list(res["arms"])
     layers = list(dict.fromkeys(k for a in arms for k in res["arms"][a].get("activations", {})))
-    fig, ax = plt.subplots(figsize=(max(7, 0.9 * len(layers) * max(1, len(arms)) / 2), 4.5))
-    width = 0.8 / max(1, len(arms))
+    n = max(1, len(layers))
+    ncols = min(ncols, n)
+    nrows = -(-n // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(max(3.2, 0.45 * len(arms) + 1.2) * ncols, 3.2 * nrows),
+                             squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for j, arm in enumerate(arms):
-        acts = res["arms"][arm].get("activations", {})
-        pos = [i + (j - (len(arms) - 1) / 2) * width for i, l in enumerate(layers) if acts.get(l, {}).get("sample")]
-        data = [acts[l]["sample"] for l in layers if acts.get(l, {}).get("sample")]
-        if not data:
+    for idx, layer in enumerate(layers):
+        ax = axes[idx // ncols][idx % ncols]
+        present = [(j, a) for j, a in enumerate(arms) if res["arms"][a].get("activations", {}).get(layer, {}).get("sample")]
+        if not present:
             continue
-        parts = ax.violinplot(data, positions=pos, widths=width * 0.9, showextrema=False)
-        for body in parts["bodies"]:
+        stats = [res["arms"][a]["activations"][layer] for _, a in present]
+        parts = ax.violinplot([st["sample"] for st in stats], positions=range(len(present)), showextrema=False)
+        for body, (j, _) in zip(parts["bodies"], present):
             body.set_facecolor(colors[j % len(colors)])
             body.set_alpha(0.6)
-        maxes = [acts[l]["max_abs"] for l in layers if acts.get(l, {}).get("sample")]
-        ax.scatter(pos, maxes, marker="x", color=colors[j % len(colors)], s=18, label=f"{arm} (x = max |a|)")
-    ax.set_yscale("symlog", linthresh=1.0)
-    ax.set_xticks(range(len(layers)), [_short(l) for l in layers], rotation=60, fontsize=7)
-    ax.set_ylabel("activation (symlog)")
-    ax.set_title("FFN output activations per layer and arm")
-    ax.legend(fontsize=7)
+        for k, ((j, _), st) in enumerate(zip(present, stats)):
+            ax.scatter([k], [st["max_abs"]], marker="x", color=colors[j % len(colors)], s=18)
+        ax.set_yscale("symlog", linthresh=1.0)
+        ax.set_xticks(range(len(present)), [a for _, a in present], rotation=45, ha="right", fontsize=7)
+        ax.set_title(_short(layer), fontsize=8)
+    for idx in range(len(layers), nrows * ncols):
+        axes[idx // ncols][idx % ncols].set_visible(False)
+    fig.suptitle("FFN output activations per layer and arm (x = max |a|, symlog)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
 def fig_accuracy_vs_bits(res: dict, path: Path) -> Path:
-    """Accuracy vs bit setting, one panel per PTQ method, one line per arm; dashed = full precision."""
+    """Accuracy vs bit setting, one panel per PTQ method, one line per float arm (dashed = its full
+    precision accuracy); QAT arms appear in every panel as black markers at their own bits."""
     plt = _plt()
-    methods = sorted({c["method"] for c in res["cells"]})
-    arms = float_arms(res)
-    fig, axes = plt.subplots(1, max(1, len(methods)), figsize=(4.5 * max(1, len(methods)), 4), squeeze=False)
+    methods = sorted({c["method"] for c in res["cells"]}) or ["(none)"]
+    arms, qrows, kinds = float_arms(res), qat_rows(res), qat_kinds(res)
+    settings = sorted({c["bits"] for c in res["cells"]} | {r["bits"] for r in qrows}, key=_bits_key, reverse=True)
+    xpos = {b: i for i, b in enumerate(settings)}            # fewest bits on the left
+    fig, axes = plt.subplots(1, len(methods), figsize=(4.5 * len(methods), 4), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, method in zip(axes[0], methods):
         for j, arm in enumerate(arms):
             cells = sorted((c for c in res["cells"] if c["arm"] == arm and c["method"] == method),
-                           key=lambda c: _bits_key(c["bits"]), reverse=True)
-            ax.plot([c["bits"] for c in cells], [100 * c["accuracy"] for c in cells], marker="o",
-                    color=colors[j % len(colors)], label=arm)
-            ax.axhline(100 * res["arms"][arm]["fp_accuracy"], ls="--", lw=0.8, color=colors[j % len(colors)])
+                           key=lambda c: xpos[c["bits"]])
+            color = colors[j % len(colors)]
+            ax.plot([xpos[c["bits"]] for c in cells], [100 * c["accuracy"] for c in cells], marker="o",
+                    color=color, label=arm)
+            ax.axhline(100 * res["arms"][arm]["fp_accuracy"], ls="--", lw=0.8, color=color)
+        for k, kind in enumerate(kinds):
+            pts = [r for r in qrows if r["kind"] == kind]
+            ax.scatter([xpos[r["bits"]] for r in pts], [100 * r["qat_accuracy"] for r in pts], color="k",
+                       marker="*^sD"[k % 4], s=50, zorder=3, label=f"{kind} (own bits)")
+        ax.set_xticks(range(len(settings)), settings)
         ax.set_title(f"PTQ: {method}")
         ax.set_xlabel("bits")
         ax.set_ylabel("accuracy (%)")
@@ -279,13 +311,31 @@ def fig_qat(res: dict, path: Path) -> Path | None:
 
 # --------------------------------------------------------------------------- report
 
-def summary(res: dict, baseline: str = "adamw") -> str:
-    """Plain-language lines: per bit setting, best delta of each S2D arm vs the baseline."""
+FIGURE_CAPTIONS = {
+    "outliers_over_steps": "Fig. 1: max |a| of the worst FFN layer over training steps, per arm",
+    "violins": "Fig. 2: FFN activation distributions per layer and arm",
+    "accuracy_vs_bits": "Accuracy vs bits per arm and PTQ method (QAT arms at their own bits)",
+    "qat": "Fig. 3: QAT vs QAT+S2D accuracy",
+}
+
+
+def accuracy_caption(res: dict, baseline: str = "adamw", qat_baseline: str = "qat") -> str:
+    """One line explaining the main table."""
+    text = (f"Accuracy (%) per bit setting x PTQ method (rows) and arm (columns); in parentheses the "
+            f"difference to {baseline} in percentage points")
+    if qat_kinds(res):
+        text += f" (QAT rows: each QAT arm at its own bits, difference to {qat_baseline})"
+    return text + "."
+
+
+def terminal_summary(res: dict, out_dir: Path | str | None = None, baseline: str = "adamw") -> str:
+    """What `s2d run` prints at the end: where the files are, notes, and the main table last."""
     lines = []
-    for row in accuracy_rows(res, baseline):
-        for arm, d in row["deltas"].items():
-            if arm != baseline and "s2d" in arm:
-                lines.append(f"- {arm} vs {baseline} at {row['bits']} ({row['method']}): {d:+.2f} pp")
+    if out_dir is not None:
+        lines.append(f"report: {out_dir}/report.md   results: {out_dir}/results.json")
+    lines += [f"note: {n}" for n in res["notes"]]
+    lines += ["", f"{accuracy_caption(res, baseline)} Wall time {res['wall_s']:.0f} s.",
+              format_accuracy_table(res, baseline)]
     return "\n".join(lines)
 
 
@@ -298,12 +348,15 @@ def render_markdown(res: dict, figures: dict[str, str], baseline: str = "adamw")
              f"PTQ methods: {', '.join(res['methods']) or 'none'}.", ""]
     if res["notes"]:
         parts += ["## Notes", ""] + [f"- {n}" for n in res["notes"]] + [""]
-    parts += ["## Accuracy (%), delta vs " + baseline + " in percentage points", "",
+    parts += ["## Accuracy (Table 2 style)", "", accuracy_caption(res, baseline), "",
               format_accuracy_table(res, baseline), ""]
     qat = format_qat_table(res)
     if qat:
-        parts += ["## Quantization-aware training (accuracy % at the arm's own bits)", "", qat, ""]
-    parts += ["## FFN layers after fine-tuning (Table 3 style)", "", format_layer_table(res), ""]
+        parts += ["## Quantization-aware training (accuracy % at the arm's own bits; delta = qat+s2d - qat)",
+                  "", qat, ""]
+    parts += ["## FFN layers after fine-tuning (Table 3 style)", "",
+              "PCDR_1, max |a| (on the probe batches) and σ_max of every FFN Linear, per arm "
+              "(QAT arms: float weights after training).", "", format_layer_table(res), ""]
     parts += ["## Arms", "", "| arm | optimizer | S2D | FP acc | train s | final loss |", "|---|---|---|---|---|---|"]
     for name, a in res["arms"].items():
         s2d = a["s2d"]
@@ -311,7 +364,9 @@ def render_markdown(res: dict, figures: dict[str, str], baseline: str = "adamw")
                                        f"k≤{s2d['k_max']} every {s2d['interval']} ({s2d['selection']}, {s2d['update']})")
         parts.append(f"| {name} | {a['optimizer']} | {s2d_txt} | {100 * a['fp_accuracy']:.2f} | "
                      f"{a['train'].get('wall_s', 0):.0f} | {a['train'].get('final_loss', float('nan')):.4f} |")
-    parts += ["", "## Figures", ""] + [f"![{k}]({v})" for k, v in figures.items()]
+    parts += ["", "## Figures", ""]
+    for key, rel in figures.items():
+        parts += [f"**{FIGURE_CAPTIONS.get(key, key)}**", "", f"![{key}]({rel})", ""]
     parts += ["", "## Versions", "", ", ".join(f"{k} {v}" for k, v in res["versions"].items()), ""]
     return "\n".join(parts)
 

@@ -1,0 +1,158 @@
+"""The `s2d` command line: help, error handling, `s2d inspect` and `s2d run` on a tiny local model.
+
+Checks: the console script and `python -m s2d` start; a bad config exits 2 with one line on stderr
+and no traceback (before anything is loaded); `inspect` writes its table, JSON and violin plot, with
+σ_max equal to the spectral norm of the saved weights; `run` writes results.json / report.md and the
+terminal output ends with the main accuracy table.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from s2d.cli import build_parser, main
+from test_experiment import make_csv, make_tiny_model
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    return make_tiny_model(root / "bert"), make_csv(root / "data.csv")
+
+
+def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(args, capture_output=True, text=True, cwd=cwd, env=env, timeout=120)
+
+
+@pytest.mark.parametrize("argv", [[str(BIN / "s2d"), "--help"], [sys.executable, "-m", "s2d", "--help"]],
+                         ids=["console-script", "python-m"])
+def test_help_entry_points(argv, tmp_path):
+    proc = _run(argv, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    for cmd in ("run", "inspect", "finetune", "quantize", "evaluate", "assets", "bench"):
+        assert cmd in proc.stdout
+
+
+def test_run_help_in_process(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["run", "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--quick" in out and "--out" in out and "CONFIG" in out.upper()
+
+
+def test_bad_config_subprocess_one_line(tmp_path):
+    (tmp_path / "bad.toml").write_text('[model]\nname = "minilm-l6"\n[data]\ndataset = "rotten-tomatoes"\n'
+                                       '[arms]\nnames = ["adamw", "sgd"]\n')
+    proc = _run([str(BIN / "s2d"), "run", "bad.toml"], tmp_path)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines == ["s2d run: error: unknown arm 'sgd' in arms.names; allowed: adamw, adamw+s2d, muon, "
+                     "muon+s2d, adamw+s2d-all, qat, qat+s2d"]
+    assert not (tmp_path / "runs").exists()                      # failed before creating anything
+
+
+@pytest.mark.parametrize("body, message", [
+    ('[model]\nname = "minilm-l6"\n[data]\ndataset = "rotten-tomatoes"\n[quant]\nbits = ["W1A4"]\n',
+     "quant.bits: bit widths must be in [2, 16]"),
+    ('[model]\nname = "nope-model"\n[data]\ndataset = "rotten-tomatoes"\n', "unknown model.name 'nope-model'"),
+    ('[model]\nname = "minilm-l6"\n[data]\ndataset = "nope-data"\n', "unknown data.dataset 'nope-data'"),
+    ("[model\n", "invalid TOML"),
+])
+def test_bad_config_in_process(tmp_path, capsys, body, message):
+    (tmp_path / "c.toml").write_text(body)
+    assert main(["run", str(tmp_path / "c.toml"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("s2d run: error: ") and message in err and "\n" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_config_file(tmp_path, capsys):
+    assert main(["run", str(tmp_path / "none.toml")]) == 2
+    assert "config file not found" in capsys.readouterr().err
+
+
+def test_inspect_local_model(tiny, tmp_path, capsys):
+    from transformers import BertModel
+
+    model_dir, data = tiny
+    out = tmp_path / "inspect"
+    assert main(["inspect", str(model_dir), "--data", str(data), "--out", str(out), "--batches", "1",
+                 "--batch-size", "8", "--max-length", "16", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    saved = json.loads((out / "layers.json").read_text())
+    layers = {r["name"]: r for r in saved["layers"]}
+    encoder = BertModel.from_pretrained(str(model_dir))
+    linears = {f"bert.{n}": m for n, m in encoder.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert set(linears) <= set(layers) and "classifier" in layers
+    for name, lin in linears.items():          # σ_max = spectral norm of the stored (pretrained) weight
+        expect = torch.linalg.matrix_norm(lin.weight.detach().double(), ord=2).item()
+        assert layers[name]["sigma_max"] == pytest.approx(expect, rel=1e-4)
+        assert len(layers[name]["pcdr"]) == 3 and layers[name]["max_abs"] > 0
+    ffn = {n for n, r in layers.items() if r["role"] in ("fc1", "fc2")}
+    assert set(saved["activations"]) == ffn and len(ffn) == 4
+    assert (out / "violins.png").read_bytes()[:4] == b"\x89PNG"
+    table = (out / "layers.md").read_text()
+    assert table.strip() in printed and "PCDR_3" in table and "kurtosis" in table
+    assert "bert.encoder.layer.1.output.dense" in table
+
+
+def test_run_end_to_end(tiny, tmp_path, capsys):
+    model_dir, data = tiny
+    (tmp_path / "c.toml").write_text(f'''
+name = "cli-tiny"
+[model]
+name = "{model_dir}"
+[data]
+dataset = "{data}"
+max_length = 16
+calib_samples = 8
+[train]
+steps = 2
+batch_size = 16
+eval_batch_size = 32
+eval_every = 1
+eval_batches = 1
+[arms]
+names = ["adamw", "adamw+s2d"]
+[quant]
+bits = ["W8A8", "W4A4"]
+methods = ["rtn"]
+[probes]
+batches = 1
+sample_size = 32
+''')
+    out = tmp_path / "run"
+    assert main(["run", str(tmp_path / "c.toml"), "--out", str(out), "--no-progress"]) == 0
+    from s2d.report import format_accuracy_table
+
+    res = json.loads((out / "results.json").read_text())
+    assert len(res["cells"]) == 4 and set(res["arms"]) == {"adamw", "adamw+s2d"}
+    printed = capsys.readouterr().out.rstrip()
+    assert printed.endswith(format_accuracy_table(res))
+    assert (out / "report.md").read_text().count("figures/") >= 3
+    # a second invocation reuses everything and prints the same table
+    assert main(["run", str(tmp_path / "c.toml"), "--out", str(out), "--no-progress"]) == 0
+    assert capsys.readouterr().out.rstrip().endswith(format_accuracy_table(res))
+
+
+def test_parser_lists_every_subcommand():
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert set(sub.choices) == {"run", "inspect", "finetune", "quantize", "evaluate", "assets", "bench"}

@@ -1,0 +1,142 @@
+"""s2d.report against a hand-built results dict (the shape of dataclasses.asdict(ExperimentResult)).
+
+Checks: the Table-2 style accuracy table (rows bits x method + QAT rows at the arms' own bits, columns
+arms, deltas vs adamw / vs qat) cell by cell; the Table-3 style FFN table; the QAT table; the figures
+are real PNG files; report.md holds the tables and links every figure; results.json round-trips
+every number; the terminal summary ends with the main table.
+"""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from s2d import report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def arm(kind, fp, qat_bits=None, qat_acc=None, pcdr=(0.9, 0.5), max_abs=(12.0, 30.0), sigma=(3.0, 4.0)):
+    layers = ["bert.encoder.layer.0.intermediate.dense", "bert.encoder.layer.0.output.dense"]
+    probes = [{"name": n, "shape": [64, 32], "sigma_max": s, "pcdr": [p, 0.95, 0.99], "k_target": 2,
+               "max_abs": m, "kurtosis": 3.0, "p99": 1.0, "p999": 2.0, "role": r}
+              for n, p, m, s, r in zip(layers, pcdr, max_abs, sigma, ("fc1", "fc2"))]
+    probes.append({"name": "bert.encoder.layer.0.attention.self.query", "shape": [32, 32], "sigma_max": 9.0,
+                   "pcdr": [0.1, 0.2, 0.3], "k_target": None, "max_abs": 99.0, "kurtosis": 1.0, "p99": 1.0,
+                   "p999": 1.0, "role": "q"})
+    acts = {n: {"name": n, "max_abs": m, "kurtosis": 3.0, "p99": 1.0, "p999": 2.0, "count": 10,
+                "sample": [-m, -1.0, 0.0, 0.5, 1.0, m]} for n, m in zip(layers, max_abs)}
+    history = [{"step": s, "worst_max_abs": max(max_abs) * (1 + s / 10), "val_accuracy": None} for s in (0, 2, 4)]
+    return {"name": kind if qat_bits is None else f"{kind}@{qat_bits}", "kind": kind, "optimizer": "adamw",
+            "s2d": None if "s2d" not in kind else {"strength": 5e-4, "power": 2.0, "tau": 0.95, "k_max": 3,
+                                                   "interval": 2, "selection": "pcdr", "update": "coupled"},
+            "qat_bits": qat_bits, "fp_accuracy": fp, "qat_accuracy": qat_acc,
+            "train": {"wall_s": 1.0, "final_loss": 0.5, "probe_history": history}, "probes": probes,
+            "activations": acts, "wall_s": 1.0}
+
+
+@pytest.fixture
+def res():
+    arms = {"adamw": arm("adamw", 0.80, max_abs=(12.0, 30.0)),
+            "adamw+s2d": arm("adamw+s2d", 0.81, pcdr=(0.6, 0.4), max_abs=(6.0, 10.0), sigma=(2.0, 2.5)),
+            "qat@W4A4": arm("qat", 0.70, "W4A4", 0.60),
+            "qat+s2d@W4A4": arm("qat+s2d", 0.72, "W4A4", 0.66)}
+    acc = {("adamw", "rtn", "W8A8"): 0.79, ("adamw+s2d", "rtn", "W8A8"): 0.805,
+           ("adamw", "rtn", "W4A4"): 0.50, ("adamw+s2d", "rtn", "W4A4"): 0.62,
+           ("adamw", "repq", "W4A4"): 0.55, ("adamw+s2d", "repq", "W4A4"): 0.70}
+    cells = [{"arm": a, "method": m, "bits": b, "w_bits": int(b[1]), "a_bits": int(b[3]), "accuracy": v,
+              "wall_s": 0.1} for (a, m, b), v in acc.items()]
+    return {"config": {"name": "toy", "model": {"name": "tiny"}, "data": {"dataset": "toy.csv"}},
+            "fingerprint": "abc", "arms": arms, "cells": cells, "methods": ["repq", "rtn"],
+            "notes": ["S2D interval scaled 100 -> 2"], "wall_s": 12.0,
+            "versions": {"torch": "x"}, "machine": {"platform": "test", "cpu_count": 2}}
+
+
+def parse_table(md: str) -> list[list[str]]:
+    rows = [l for l in md.splitlines() if l.startswith("|")]
+    split = (re.split(r"(?<!\\)\|", r.strip()[1:-1]) for r in rows if not set(r) <= set("|-"))
+    return [[c.strip().replace("\\|", "|") for c in cells] for cells in split]   # "\|" is a literal |
+
+
+def test_accuracy_table_cells(res):
+    table = parse_table(report.format_accuracy_table(res))
+    assert table[0] == ["bits", "method", "adamw", "adamw+s2d", "qat", "qat+s2d"]
+    expected = [
+        ["FP", "-", "80.00", "81.00 (+1.00)", "-", "-"],
+        ["W8A8", "rtn", "79.00", "80.50 (+1.50)", "-", "-"],
+        ["W4A4", "repq", "55.00", "70.00 (+15.00)", "-", "-"],
+        ["W4A4", "rtn", "50.00", "62.00 (+12.00)", "-", "-"],
+        ["W4A4", "QAT", "-", "-", "60.00", "66.00 (+6.00)"],   # QAT arms at their own bits, vs qat
+    ]
+    assert table[1:] == expected
+
+
+def test_accuracy_rows_deltas(res):
+    rows = report.accuracy_rows(res)
+    by = {(r["bits"], r["method"]): r for r in rows}
+    assert by[("W4A4", "rtn")]["deltas"]["adamw+s2d"] == pytest.approx((0.62 - 0.50) * 100)
+    assert by[("W4A4", "QAT")]["baseline"] == "qat" and by[("W4A4", "QAT")]["deltas"]["qat+s2d"] == pytest.approx(6.0)
+    assert report.accuracy_rows(res, baseline="none")[0]["deltas"] == {}      # no baseline -> no deltas
+
+
+def test_layer_table(res):
+    rows = report.layer_rows(res, ["adamw", "adamw+s2d"])
+    assert [r["layer"] for r in rows] == ["bert.encoder.layer.0.intermediate.dense",
+                                          "bert.encoder.layer.0.output.dense"]    # FFN only, no query
+    assert rows[0]["adamw+s2d"] == {"pcdr1": 0.6, "max_abs": 6.0, "sigma_max": 2.0}
+    md = report.format_layer_table(res, ["adamw", "adamw+s2d"])
+    tables = md.split("**")[1::2]
+    assert tables == ["PCDR_1", "max |a|", "σ_max"]
+    parsed = parse_table(md)
+    assert ["L0.fc1", "0.900", "0.600"] in parsed and ["L0.fc2", "30.0", "10.0"] in parsed
+    assert ["L0.fc2", "4.00", "2.50"] in parsed
+
+
+def test_qat_table(res):
+    assert parse_table(report.format_qat_table(res)) == [["bits", "qat", "qat+s2d", "delta"],
+                                                         ["W4A4", "60.00", "66.00", "+6.00"]]
+
+
+def test_write_report(res, tmp_path):
+    out = report.write_report(res, tmp_path)
+    for key in ("outliers_over_steps", "violins", "accuracy_vs_bits", "qat"):
+        png = tmp_path / "figures" / f"{key}.png"
+        data = png.read_bytes()
+        assert data[:8] == PNG_MAGIC and len(data) > 5000, key
+        assert out["figures"][key] == f"figures/{key}.png"
+    md = (tmp_path / "report.md").read_text()
+    assert report.format_accuracy_table(res) in md
+    assert report.format_layer_table(res) in md and report.format_qat_table(res) in md
+    for key in out["figures"]:
+        assert f"]({out['figures'][key]})" in md
+    assert "S2D interval scaled 100 -> 2" in md and "torch x" in md
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["cells"] == res["cells"] and saved["arms"] == res["arms"]
+    assert saved["config"] == res["config"] and saved["versions"] == {"torch": "x"}
+
+
+def test_write_report_without_qat_or_cells(res, tmp_path):
+    res["arms"] = {k: v for k, v in res["arms"].items() if not v["qat_bits"]}
+    res["cells"] = []
+    out = report.write_report(res, tmp_path)
+    assert "qat" not in out["figures"] and (tmp_path / "figures" / "accuracy_vs_bits.png").stat().st_size > 0
+    assert parse_table(report.format_accuracy_table(res))[1:] == [["FP", "-", "80.00", "81.00 (+1.00)"]]
+
+
+def test_terminal_summary_ends_with_main_table(res):
+    text = report.terminal_summary(res, "runs/x")
+    assert text.startswith("report: runs/x/report.md")
+    assert text.endswith(report.format_accuracy_table(res))
+    assert "note: S2D interval scaled" in text
+
+
+def test_inspect_table():
+    layers = arm("adamw", 0.5)["probes"]
+    layers[2]["role"] = "q"
+    table = parse_table(report.format_inspect_table(layers))
+    assert table[0] == ["layer", "role", "shape", "σ_max", "PCDR_1", "PCDR_2", "PCDR_3", "k_target", "max |a|",
+                        "kurtosis"]
+    assert table[1] == ["bert.encoder.layer.0.intermediate.dense", "fc1", "64x32", "3.00", "0.900", "0.950",
+                        "0.990", "2", "12.0", "3.0"]
+    assert table[3][7] == "-"
