@@ -12,3 +12,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _threads(request):
+    """Tiny-model tests run on one intra-op thread: on 2 shared cores two contended OpenMP threads are
+    up to 10x slower for small tensors. Tests marked `slow` (real models) keep the default."""
+    if request.node.get_closest_marker("slow"):
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

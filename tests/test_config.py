@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from s2d.config import (ARM_KINDS, bits_name, from_dict, load_config, parse_bits,
+from s2d.config import (DEFAULT_TOML, ARM_KINDS, bits_name, from_dict, load_config, parse_bits,
                         scale_interval)
 from s2d.decay import S2DConfig
 
@@ -183,7 +183,7 @@ def test_embedded_default_parses():
     cfg = load_config(None)
     assert cfg.name == "text-minilm-rt" and cfg.model.name == "minilm-l6"
     assert [a.name for a in cfg.arms][:4] == ["adamw", "adamw+s2d", "muon", "adamw+s2d-all"]
-    assert {a.name for a in cfg.arms if a.qat_bits} == {"qat@W4A4", "qat@W3A4", "qat+s2d@W4A4", "qat+s2d@W3A4"}
+    assert {a.name for a in cfg.arms if a.qat_bits} == {"qat@W4A4", "qat+s2d@W4A4"}
     assert cfg.quant.bits == ((8, 8), (6, 6), (5, 5), (4, 4), (3, 4))
     assert cfg.s2d == S2DConfig(strength=5e-4, power=2.0, tau=0.95, k_max=3, interval=100)
     quick = load_config(None, quick=True)
@@ -217,3 +217,8 @@ def test_method_bits_and_config_overrides():
     assert plan.runs("rtn", (8, 8)) and plan.runs("rtn", (4, 4))
     assert plan.runs("repq", (4, 4)) and not plan.runs("repq", (8, 8))
     assert plan.method_config("repq").reparam is False and plan.method_config("rtn") is None
+
+
+def test_shipped_default_config_is_the_embedded_one():
+    shipped = Path(__file__).resolve().parents[1] / "configs" / "text-minilm-rt.toml"
+    assert shipped.read_text() == DEFAULT_TOML

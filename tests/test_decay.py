@@ -14,15 +14,6 @@ from s2d.spectral import pcdr_curve
 D = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread avoids oversubscription on the shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ----------------------------------------------------------------------------- config
 @pytest.mark.parametrize("field,value", [
     ("strength", -1.0), ("strength", math.inf), ("power", 0.0), ("tau", 0.0), ("tau", 1.5),

@@ -11,6 +11,7 @@ from ptq_models import MODELS, logits
 from s2d.quant._erq_math import RowGrid, aqer, refine_rounding, ridge_solve, wqer
 from s2d.quant.apply import QuantLinear, QuantSpec, quantize_model
 from s2d.quant.erq import ERQConfig, erq_linear
+from s2d.quant.quantizers import UniformQuantizer
 
 
 def _layer_data(n=400, d_in=24, d_out=12, seed=0):
@@ -165,3 +166,51 @@ def test_erq_is_deterministic_and_bounds_cached_tokens(monkeypatch):
 def test_config_validation(kwargs, field):
     with pytest.raises(ValueError, match=field):
         ERQConfig(**kwargs)
+
+
+def test_layer_falls_back_to_rtn_when_erq_is_worse(monkeypatch):
+    """A (forced) overshooting Aqer: the layer must end exactly at RTN (weights on the RTN grid, bias
+    restored) and report RTN's output error, recomputed here independently."""
+    import s2d.quant.erq as erq_mod
+    from s2d.quant.repq import set_weight_range
+
+    x, w, b = _layer_data()
+    lin = torch.nn.Linear(24, 12)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+        lin.bias.copy_(b)
+    aq = UniformQuantizer(4)
+    aq.set_range(x.min().reshape(1), x.max().reshape(1))
+    QuantLinear.from_linear(lin, aq, UniformQuantizer(4, True, "channel", axis=0))
+    monkeypatch.setattr(erq_mod, "aqer", lambda w, b, xq, y, lam: (w * 3.0, b - 1.0))  # a bad "ridge" step
+    cfg = ERQConfig()
+    stats = erq_linear(lin, x, cfg)
+    ref = torch.nn.Linear(24, 12)
+    with torch.no_grad():
+        ref.weight.copy_(w)
+        ref.bias.copy_(b)
+    QuantLinear.from_linear(ref, aq, UniformQuantizer(4, True, "channel", axis=0))
+    set_weight_range(ref, cfg.quantiles)
+    w_rtn = ref.weight_quantizer(w)
+    assert stats["kept_rtn"]
+    torch.testing.assert_close(lin.weight.detach(), w_rtn, atol=1e-6, rtol=0)
+    torch.testing.assert_close(lin.bias.detach(), b)
+    err_rtn = float((aq(x) @ w_rtn.T + b - (x @ w.T + b)).pow(2).mean())
+    assert stats["mse_erq"] == pytest.approx(err_rtn, rel=1e-5) and stats["mse_rtn"] == pytest.approx(err_rtn, rel=1e-5)
+
+
+def test_erq_recovers_layer_output_better_than_rtn_on_same_data():
+    """Aqer + Wqer on one layer lower the output error vs RTN's (no fallback involved)."""
+    x, w, b = _layer_data(n=600, d_in=32, d_out=16)
+    lin = torch.nn.Linear(32, 16)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+        lin.bias.copy_(b)
+    aq = UniformQuantizer(4)
+    aq.set_range(x.min().reshape(1), x.max().reshape(1))
+    QuantLinear.from_linear(lin, aq, UniformQuantizer(4, True, "channel", axis=0))
+    stats = erq_linear(lin, x, ERQConfig(aqer_lambda=1.0, wqer_lambda=1.0))
+    assert not stats["kept_rtn"]
+    err = float((aq(x) @ lin.weight_quantizer(lin.weight.detach()).T + lin.bias.detach() - (x @ w.T + b)).pow(2).mean())
+    assert err == pytest.approx(stats["mse_erq"], rel=1e-5)
+    assert err < 0.8 * stats["mse_rtn"]

@@ -14,14 +14,6 @@ from s2d.probes import capture_activations, quantile_from_top, spectral_table
 from s2d.spectral import pcdr_curve, select_rank
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class Net(nn.Module):
     def __init__(self):
         super().__init__()

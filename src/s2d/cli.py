@@ -59,8 +59,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, quick=args.quick)        # validated before anything runs
     out = args.out or f"runs/{cfg.name}{'-quick' if args.quick else ''}"
     result = run_experiment(cfg, out, progress=not args.no_progress)
-    res = write_report(result, out)
-    print("\n" + terminal_summary(res, out))
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:       # several processes (accelerate launch): one report
+        res = write_report(result, out)
+        print("\n" + terminal_summary(res, out))
     return 0
 
 

@@ -93,10 +93,14 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 class RunDir:
-    """The run directory: fingerprint check and per-arm / per-cell results."""
+    """The run directory: fingerprint check and per-arm / per-cell results.
 
-    def __init__(self, root: Path | str):
+    Under several processes (accelerate launch / torchrun) only the main one (`writer=True`) writes.
+    """
+
+    def __init__(self, root: Path | str, writer: bool = True):
         self.root = Path(root)
+        self.writer = writer
 
     def claim(self, cfg: ExperimentConfig) -> None:
         """Bind the directory to `cfg`; refuse (ValueError) if it holds a run of another config."""
@@ -113,7 +117,8 @@ class RunDir:
         if self.root.exists() and any(self.root.iterdir()):
             raise ValueError(f"{self.root} is not empty and holds no s2d run (no fingerprint.json); "
                              "use an empty or new --out directory")
-        write_json(fp_file, {"fingerprint": cfg.fingerprint(), "config": cfg.raw})
+        if self.writer:
+            write_json(fp_file, {"fingerprint": cfg.fingerprint(), "config": cfg.raw})
 
     def arm_dir(self, arm: str) -> Path:
         return self.root / "arms" / _slug(arm)
@@ -123,7 +128,8 @@ class RunDir:
         return ArmResult(**json.loads(path.read_text())) if path.exists() else None
 
     def save_arm(self, res: ArmResult) -> None:
-        write_json(self.arm_dir(res.name) / "result.json", dataclasses.asdict(res))
+        if self.writer:
+            write_json(self.arm_dir(res.name) / "result.json", dataclasses.asdict(res))
 
     def cell_path(self, arm: str, method: str, bits: str) -> Path:
         return self.root / "cells" / f"{_slug(arm)}__{method}__{bits}.json"
@@ -133,7 +139,8 @@ class RunDir:
         return CellResult(**json.loads(path.read_text())) if path.exists() else None
 
     def save_cell(self, cell: CellResult) -> None:
-        write_json(self.cell_path(cell.arm, cell.method, cell.bits), dataclasses.asdict(cell))
+        if self.writer:
+            write_json(self.cell_path(cell.arm, cell.method, cell.bits), dataclasses.asdict(cell))
 
 
 # --------------------------------------------------------------------------- pieces
@@ -216,13 +223,15 @@ def train_arm(arm: ArmSpec, cfg: ExperimentConfig, pristine: nn.Module, bundle: 
     model.eval()
     fp_acc = evaluate(model, loaders.test, progress=progress)
     probes, acts = probe_model(model, probe_batches, arm.s2d or cfg.s2d, cfg.probes.sample_size, progress)
-    save_model(model, str(run.arm_dir(arm.name) / "model.safetensors"))
+    if run.writer:
+        save_model(model, str(run.arm_dir(arm.name) / "model.safetensors"))
     res = ArmResult(name=arm.name, kind=arm.kind, optimizer=arm.optimizer, s2d=_jsonable(arm.s2d),
                     qat_bits=bits_name(arm.qat_bits) if arm.qat_bits else None, fp_accuracy=fp_acc,
                     qat_accuracy=qat_acc, train=_jsonable(tres), probes=probes, activations=acts,
                     wall_s=time.perf_counter() - t0)
     run.save_arm(res)
-    shutil.rmtree(train_dir, ignore_errors=True)   # optimizer state is large; final weights are kept
+    if run.writer:
+        shutil.rmtree(train_dir, ignore_errors=True)   # optimizer state is large; final weights are kept
     logger.info("arm %s: fp acc %.4f%s (%.0f s)", arm.name, fp_acc,
                 f", QAT {res.qat_bits} acc {qat_acc:.4f}" if qat_acc is not None else "", res.wall_s)
     return res, model
@@ -262,8 +271,12 @@ def run_experiment(cfg: ExperimentConfig, out_dir: Path | str, progress: bool = 
     from s2d.data import calibration_batches
 
     t0 = time.perf_counter()
-    run = RunDir(out_dir)
+    from accelerate import PartialState
+
+    state = PartialState()      # joins the process group under accelerate launch / torchrun; else a no-op
+    run = RunDir(out_dir, writer=state.is_main_process)
     run.claim(cfg)
+    state.wait_for_everyone()
     bundle, loaders = load_task(cfg.model, cfg.data, batch_size=cfg.train.batch_size,
                                 eval_batch_size=cfg.train.eval_batch_size, seed=cfg.seed)
     pristine = bundle.model
@@ -303,6 +316,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: Path | str, progress: bool = 
                     logger.info("PTQ %s %s %s: %.4f", arm.name, method, cell.bits, acc)
                 cells.append(dataclasses.asdict(cell))
         del model
+        state.wait_for_everyone()
     from s2d.report import machine, versions
 
     return ExperimentResult(config=cfg.raw, fingerprint=cfg.fingerprint(), arms=results, cells=cells,

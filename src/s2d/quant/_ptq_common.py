@@ -215,16 +215,22 @@ def quantile_mse_range(rows: Tensor, bits: int, symmetric: bool,
     else:
         rows_q = rows
     qmin, qmax = int_range(bits, symmetric)
+    ps = [p for p in quantiles if p < 1]
+    if ps:  # one sort per call: all quantiles at once, (len(qs), R)
+        qs = torch.tensor(ps if symmetric else [1 - p for p in ps] + ps, dtype=rows.dtype, device=rows.device)
+        table = torch.quantile(rows_q.abs() if symmetric else rows_q, qs, dim=1)
     best_lo = best_hi = None
     best_err = torch.full((rows.shape[0],), float("inf"), device=rows.device)
     for p in quantiles:
-        if symmetric:
-            top = torch.quantile(rows_q.abs(), p, dim=1) if p < 1 else rows.abs().amax(1)
-            lo, hi = -top, top
-        elif p < 1:
-            lo, hi = torch.quantile(rows_q, 1 - p, dim=1), torch.quantile(rows_q, p, dim=1)
+        if p == 1.0:
+            if symmetric:
+                top = rows.abs().amax(1)
+                lo, hi = -top, top
+            else:
+                lo, hi = rows.amin(1), rows.amax(1)
         else:
-            lo, hi = rows.amin(1), rows.amax(1)
+            i = ps.index(p)
+            lo, hi = (-table[i], table[i]) if symmetric else (table[i], table[len(ps) + i])
         s, z = scale_zero_point(lo, hi, bits, symmetric)
         err = (fake_quant(rows, s[:, None], z[:, None], qmin, qmax) - rows).pow(2).mean(1)
         if best_lo is None:

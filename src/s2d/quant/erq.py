@@ -12,7 +12,8 @@
    - Wqer: half of the still-float input columns at a time are rounded onto that grid with rounding
      refinement (≤ ``max_flips`` greedy floor/ceil flips per row lowering δ1ᵀ(μμᵀ+Σ)δ1) and the
      remaining float columns are compensated by ridge regression δ2 = −(X̃₂ᵀX̃₂ + λ_w I)⁻¹ X̃₂ᵀX̃₁δ1ᵀ.
-   The final weight lies exactly on the weight quantizer's grid.
+   The final weight lies exactly on the weight quantizer's grid.  A layer whose output error on the
+   calibration data ends above RTN's (the ridge steps can overshoot on few samples) keeps RTN.
 
 X comes from the model as quantized so far (the paper's "float input" of the layer in the progressively
 quantized network), Y from the same X with float weights and an unquantized input, so each Linear
@@ -91,7 +92,7 @@ def erq_linear(lin: QuantLinear, x_raw: torch.Tensor, config: ERQConfig) -> dict
     b0 = None if lin.bias is None else lin.bias.detach().clone()
     y = x @ w0.T + (0 if b0 is None else b0)
     set_weight_range(lin, config.quantiles)
-    err_rtn = float((x_q @ lin.weight_quantizer(w0).T + (0 if b0 is None else b0) - y).pow(2).mean())
+    err_rtn = _output_mse(lin, x_q, y)
     w, b = w0, b0
     if config.use_aqer:
         w, b = aqer(w0, b0, x_q, y, config.aqer_lambda)
@@ -109,9 +110,30 @@ def erq_linear(lin: QuantLinear, x_raw: torch.Tensor, config: ERQConfig) -> dict
                        wq.qmin, wq.qmax)
         w = wqer(w, x_q, grid, config.wqer_lambda, config.max_flips, config.row_group)
         lin.weight.copy_(w)
+    err = _output_mse(lin, x_q, y)
+    fallback = err > err_rtn
+    if fallback:  # the ridge steps can overshoot on a tiny calibration set: keep RTN for this layer
+        _restore_rtn(lin, w0, b0, config)
+        logger.debug("erq: output error %.3g > RTN's %.3g; layer kept at RTN", err, err_rtn)
+        err = _output_mse(lin, x_q, y)
+    return {"mse_rtn": err_rtn, "mse_erq": err, "kept_rtn": fallback}
+
+
+def _output_mse(lin: QuantLinear, x_q: torch.Tensor, y: torch.Tensor) -> float:
+    """Mean squared error of the quantized layer output Q_a(X) Q_w(W)ᵀ + b against the float Y."""
     bias = lin.bias if lin.bias is not None else 0
-    err = float((x_q @ lin.weight_quantizer(lin.weight).T + bias - y).pow(2).mean())
-    return {"mse_rtn": err_rtn, "mse_erq": err}
+    return float((x_q @ lin.weight_quantizer(lin.weight).T + bias - y).pow(2).mean())
+
+
+def _restore_rtn(lin: QuantLinear, w0: torch.Tensor, b0: torch.Tensor | None, config: ERQConfig) -> None:
+    """Put the RTN weights back, stored on the grid (so the deployed weight equals the fake-quant one)."""
+    if b0 is None:
+        lin.bias = None
+    else:
+        lin.bias.copy_(b0)
+    lin.weight.copy_(w0)
+    set_weight_range(lin, config.quantiles)
+    lin.weight.copy_(lin.weight_quantizer(w0))
 
 
 @register_method("erq")
@@ -119,6 +141,8 @@ def erq(model: nn.Module, spec: QuantSpec, calib: Iterable[dict] | None, config:
         progress: bool = True) -> None:
     """``quantize_model(model, spec, method="erq", calib=batches, config=ERQConfig())``."""
     config = config or ERQConfig()
+    if calib is None:
+        raise ValueError("erq: calib batches are required, got None")
     batches = repq_calibrate(model, spec, calib, config.repq_config(), progress, weights=False)
     gen = torch.Generator().manual_seed(config.seed + 1)
     mods = dict(model.named_modules())

@@ -23,6 +23,8 @@ Hessian-guided scale search, block by block in forward order, on ``num_samples``
    mean[(g_x ⊙ (x − Q(x)))²] with g_x = ∂KL/∂Q(x) (a simplification of the paper, which measures the
    matmul output; it keeps the search inside this project's attention function).
 Tokens: padded tokens are dropped; at most ``max_tokens`` token rows per layer are used (CPU budget).
+Unsupported (ValueError): models without recognised transformer blocks, a gated MLP (no post-GELU
+activation) while ``twin_gelu`` is on, and outputs without ``.logits`` (the KL needs predictions).
 """
 from __future__ import annotations
 
@@ -332,7 +334,7 @@ def _record_block(model, lin, attn, batches, logits_fp, cfg):
         for i, (batch, out) in enumerate(forward_batches(model, batches, grad=True)):
             cap.mask = batch.get("attention_mask")
             names = list(outs)
-            gs = torch.autograd.grad(_kl(out.logits, logits_fp[i]), [outs[n] for n in names], allow_unused=True)
+            gs = torch.autograd.grad(_kl(_logits(out, model), logits_fp[i]), [outs[n] for n in names], allow_unused=True)
             for n, gr in zip(names, gs):
                 gr = torch.zeros_like(outs[n]) if gr is None else gr
                 grads[n].append(cap.rows(gr, None).float() if n in lin else gr.detach().float())
@@ -359,6 +361,29 @@ def _search_block(model, groups, infos, block, batches, logits_fp, cfg, gen) -> 
         _search_attn_quantizer(q, x, g if cfg.hessian else None, cfg)
 
 
+def check_supported(model: nn.Module, infos, cfg: PTQ4ViTConfig) -> None:
+    """ValueError for structures PTQ4ViT's quantizers assume away: the twin-uniform "gelu" quantizer
+    needs the fc2 input to be a GELU output, which a gated MLP (SwiGLU / gate+up) does not produce."""
+    if not cfg.twin_gelu:
+        return
+    mods = dict(model.named_modules())
+    for b in infos:
+        fc1_out = sum(mods[n].out_features for n in b.fc1)
+        if len(b.fc1) > 1 or fc1_out != mods[b.fc2].in_features:
+            raise ValueError(
+                f"ptq4vit: block {b.name} has a gated MLP ({', '.join(b.fc1)} -> {b.fc2}); the twin-uniform "
+                "post-GELU quantizer needs a GELU MLP. Pass PTQ4ViTConfig(twin_gelu=False) to quantize the "
+                "fc2 input with a plain uniform quantizer instead")
+
+
+def _logits(out: object, model: nn.Module) -> Tensor:
+    logits = getattr(out, "logits", None)
+    if not isinstance(logits, Tensor):
+        raise ValueError(f"ptq4vit: the Hessian-guided search needs a model whose output has .logits "
+                         f"(a classification or causal-LM head); {type(model).__name__} returned {type(out).__name__}")
+    return logits
+
+
 @register_method("ptq4vit")
 def ptq4vit(model: nn.Module, spec: QuantSpec, calib: Iterable[dict] | None,
             config: PTQ4ViTConfig | None = None, progress: bool = True) -> None:
@@ -370,6 +395,7 @@ def ptq4vit(model: nn.Module, spec: QuantSpec, calib: Iterable[dict] | None,
     from s2d.models import blocks
 
     infos = blocks(model)
+    check_supported(model, infos, cfg)
     device = next(model.parameters()).device
     batches = [{k: v.to(device) if isinstance(v, Tensor) else v for k, v in b.items()}
                for b in sub_batches(take_samples(calib, cfg.num_samples), cfg.sub_batch)]
@@ -379,7 +405,7 @@ def ptq4vit(model: nn.Module, spec: QuantSpec, calib: Iterable[dict] | None,
         calibrate(model, batches, progress=False)
         _init_scales(model, groups)
         set_quantization(model, False)
-        logits_fp = [out.logits.detach() for _, out in forward_batches(model, batches)]
+        logits_fp = [_logits(out, model).detach() for _, out in forward_batches(model, batches)]
         set_quantization(model, True)
         for block in tqdm(list(range(len(infos))) + [None], desc="ptq4vit blocks", disable=not progress, leave=False):
             _search_block(model, groups, infos, block, batches, logits_fp, cfg, gen)
