@@ -89,6 +89,29 @@ def test_sgd_update_matches_hand_simulation(update):
     assert s2d.layer_stats()[0].refreshed_at == 6
 
 
+@pytest.mark.parametrize("update", ["coupled", "decoupled"])
+def test_step_with_closure_equals_plain_step(update):
+    """optimizer.step(closure) (Lightning, LBFGS): forward/backward run inside step(); S2D acts after them."""
+    ref_lin, ref_opt, ref_sched, ref_s2d, _, xs = _sgd_problem(update)
+    for x in xs:
+        ref_lin(x).pow(2).mean().backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+        ref_sched.step()
+    lin, opt, sched, s2d, _, _ = _sgd_problem(update)
+    for x in xs:
+        def closure(x=x):
+            opt.zero_grad()
+            loss = lin(x).pow(2).mean()
+            loss.backward()
+            return loss
+        opt.step(closure)
+        sched.step()
+    torch.testing.assert_close(lin.weight, ref_lin.weight, rtol=1e-12, atol=1e-12)
+    assert [s.refreshed_at for s in s2d.layer_stats()] == [s.refreshed_at for s in ref_s2d.layer_stats()]
+    assert [s.max_activation for s in s2d.layer_stats()] == [s.max_activation for s in ref_s2d.layer_stats()]
+
+
 def test_weight_without_grad_is_left_alone():
     a, b = nn.Linear(4, 4, dtype=D), nn.Linear(4, 4, dtype=D)
     model = nn.ModuleDict({"a": a, "b": b})

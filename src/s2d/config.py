@@ -36,23 +36,23 @@ name = "minilm-l6"
 [data]
 dataset = "rotten-tomatoes"
 max_length = 64
-limit_train = 4800
-limit_eval = 512
+limit_train = 3840
+limit_eval = 384
 calib_samples = 32
 
 [train]
-steps = 150
+steps = 120
 lr = 1e-4
 weight_decay = 0.01
 warmup = 0.1
 schedule = "linear"
 batch_size = 32
 eval_batch_size = 128
-eval_every = 25
-eval_batches = 2
-log_every = 25
+eval_every = 40
+eval_batches = 1
+log_every = 20
 max_grad_norm = 1.0
-save_every = 50
+save_every = 40
 
 [s2d]            # paper defaults; interval is scaled down so that it refreshes >= min_refreshes times
 strength = 5e-4
@@ -79,8 +79,9 @@ batches = 2
 sample_size = 2048
 
 [quick]          # `s2d run --quick`: the same pipeline, smaller (about 3 minutes on 2 cores)
-train = { steps = 16, eval_every = 8, log_every = 8, eval_batches = 1, save_every = 0 }
-data = { limit_train = 512, limit_eval = 128 }
+train = { steps = 12, eval_every = 6, log_every = 6, eval_batches = 1, save_every = 0 }
+data = { limit_train = 384, limit_eval = 128 }
+arms = { names = ["adamw", "adamw+s2d", "qat", "qat+s2d"] }
 quant = { bits = ["W8A8", "W4A4"], methods = ["rtn", "repq"] }
 probes = { batches = 1 }
 """

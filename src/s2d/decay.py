@@ -420,12 +420,13 @@ class SelectiveSpectralDecay:
 
     # ------------------------------------------------------------------ optimizer hooks
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> tuple | None:
-        closure = kwargs.get("closure", args[0] if args else None)
+        # args = (optimizer, *step_args): a closure is step's first argument, or the keyword
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
         if callable(closure):  # forward/backward run inside step(): act after them
             wrapped = self._wrap_closure(closure)
             if "closure" in kwargs:
                 return args, {**kwargs, "closure": wrapped}
-            return (wrapped, *args[1:]), kwargs
+            return (args[0], wrapped, *args[2:]), kwargs
         self._before_update()
         return None
 
