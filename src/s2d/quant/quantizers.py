@@ -443,7 +443,29 @@ class UniformQuantizer(Quantizer):
                 "dynamic": self.dynamic, "learnable": self.learnable, "range": rng}
 
 
-class LogSqrt2Quantizer(Quantizer):
+class _SampledQuantizer(Quantizer):
+    """A quantizer calibrated on a bounded random sample (<= _MAX_SAMPLES values) of what it observed."""
+
+    def __init__(self, bits: int) -> None:
+        super().__init__(bits)
+        self._samples: list[Tensor] = []
+        self._n_samples = 0
+
+    def observe(self, x: Tensor) -> None:
+        flat = x.float().reshape(-1)
+        budget = max(_MAX_SAMPLES - self._n_samples, 0)
+        if budget and flat.numel() > budget:
+            flat = flat[torch.randperm(flat.numel(), device=flat.device)[:budget]]
+        if budget:
+            self._samples.append(flat)
+            self._n_samples += flat.numel()
+
+    def reset(self) -> None:
+        super().reset()
+        self._samples, self._n_samples = [], 0
+
+
+class LogSqrt2Quantizer(_SampledQuantizer):
     """Log-√2 quantizer for post-softmax probabilities (RepQ-ViT), values in [0, 1].
 
     code q = clamp(round(-2·log2(x/Δ)), 0, 2^b-1); value = Δ·2^(-ceil(q/2))·(1 + (√2-1)·(q mod 2)),
@@ -457,8 +479,6 @@ class LogSqrt2Quantizer(Quantizer):
     def __init__(self, bits: int = 4) -> None:
         super().__init__(bits)
         self.register_buffer("delta", None)
-        self._samples: list[Tensor] = []
-        self._n_samples = 0
 
     def _codes_to_values(self, x: Tensor, delta: Tensor) -> Tensor:
         qmax = 2**self.bits - 1
@@ -467,15 +487,6 @@ class LogSqrt2Quantizer(Quantizer):
         code = code.clamp(0, qmax)
         value = delta * torch.exp2(-torch.ceil(code / 2)) * (1 + (math.sqrt(2) - 1) * torch.remainder(code, 2))
         return torch.where(overflow, torch.zeros_like(value), value)
-
-    def observe(self, x: Tensor) -> None:
-        flat = x.float().reshape(-1)
-        budget = max(_MAX_SAMPLES - self._n_samples, 0)
-        if budget and flat.numel() > budget:
-            flat = flat[torch.randperm(flat.numel(), device=flat.device)[:budget]]
-        if budget:
-            self._samples.append(flat)
-            self._n_samples += flat.numel()
 
     def finalize(self) -> None:
         if not self._samples:
@@ -491,10 +502,6 @@ class LogSqrt2Quantizer(Quantizer):
         self.delta = best.reshape(())
         self.calibrated = True
 
-    def reset(self) -> None:
-        super().reset()
-        self._samples, self._n_samples = [], 0
-
     def quantize(self, x: Tensor) -> Tensor:
         return x + (self._codes_to_values(x.detach(), self.delta.to(x.dtype)) - x).detach()
 
@@ -504,7 +511,7 @@ class LogSqrt2Quantizer(Quantizer):
                 "range_method": "mse", "range": rng}
 
 
-class TwinUniformQuantizer(Quantizer):
+class TwinUniformQuantizer(_SampledQuantizer):
     """Twin uniform quantizer (PTQ4ViT): two uniform ranges with 2^(b-1) levels each.
 
     mode "softmax" (inputs in [0, 1]): a fine range [0, s) with step s / 2^(b-1) and a coarse range
@@ -527,8 +534,6 @@ class TwinUniformQuantizer(Quantizer):
         self.register_buffer("threshold", None)  # softmax mode: s
         self.register_buffer("pos_step", None)  # gelu mode
         self.register_buffer("neg_step", None)
-        self._samples: list[Tensor] = []
-        self._n_samples = 0
 
     def _softmax_q(self, x: Tensor, s: Tensor) -> Tensor:
         fine_step, coarse_step = s / self.levels, torch.tensor(1.0 / self.levels, dtype=x.dtype, device=x.device)
@@ -540,15 +545,6 @@ class TwinUniformQuantizer(Quantizer):
         neg = torch.clamp(round_ste(x / neg_step), -(self.levels - 1), 0) * neg_step
         pos = torch.clamp(round_ste(x / pos_step), 0, self.levels - 1) * pos_step
         return torch.where(x.detach() < 0, neg, pos)
-
-    def observe(self, x: Tensor) -> None:
-        flat = x.float().reshape(-1)
-        budget = max(_MAX_SAMPLES - self._n_samples, 0)
-        if budget and flat.numel() > budget:
-            flat = flat[torch.randperm(flat.numel(), device=flat.device)[:budget]]
-        if budget:
-            self._samples.append(flat)
-            self._n_samples += flat.numel()
 
     def finalize(self) -> None:
         if not self._samples:
@@ -567,10 +563,6 @@ class TwinUniformQuantizer(Quantizer):
                 errs.append((float((self._gelu_q(x, self.neg_step, step) - x).pow(2).mean()), c))
             self.pos_step = top * min(errs)[1] / n
         self.calibrated = True
-
-    def reset(self) -> None:
-        super().reset()
-        self._samples, self._n_samples = [], 0
 
     def quantize(self, x: Tensor) -> Tensor:
         if self.mode == "softmax":
