@@ -159,6 +159,19 @@ def test_dominant_direction_selects_k1_isotropic_is_healthy():
     assert st.k_target == 3
 
 
+def test_layer_of_rank_at_most_k_is_not_selected():
+    """PCDR_rank == 1 for every activation, so a (2, n) head must not be selected by PCDR alone."""
+    g = torch.Generator().manual_seed(0)
+    head = torch.randn(2, 32, generator=g)
+    x = torch.randn(8, 32, generator=g)
+    st, s2d = _selection_stats(head, x)
+    assert st.pcdr[1] == pytest.approx(1.0, abs=1e-6) and st.k_target in (None, 1)
+    if st.k_target is None:
+        assert st.pcdr[0] < 0.95 and s2d.factors() == {}
+    st, _ = _selection_stats(torch.randn(1, 32, generator=g), x)   # rank 1: nothing to single out
+    assert st.k_target is None
+
+
 def test_include_patterns_and_callable():
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.Embedding(5, 4))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

@@ -252,7 +252,8 @@ def _refresh_layer(name: str, w: Tensor, spec: Spectrum | None, peak: Activation
         curve = pcdr_curve(w, peak.x, int(peak.neuron), spec=spec)
         pcdr = [float(c) for c in curve[: config.k_max]]
         if config.selection == "pcdr":
-            k = select_rank(curve, config.tau, config.k_max)
+            # PCDR_rank is 1 for any activation: only a proper subspace (k < rank) can single out an outlier
+            k = select_rank(curve, config.tau, min(config.k_max, spec.rank - 1)) if spec.rank > 1 else None
     elif config.selection == "pcdr":
         k, reason = None, "no activation captured"
     factors = top_k(spec, k) if k is not None and config.strength > 0 else None
