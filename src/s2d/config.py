@@ -53,6 +53,7 @@ eval_batches = 1
 log_every = 20
 max_grad_norm = 1.0
 save_every = 40
+muon_lr = 1e-3   # Muon's orthogonalised steps need ~10x AdamW's lr here (at 1e-4 it stays at chance)
 
 [s2d]            # paper defaults; interval is scaled down so that it refreshes >= min_refreshes times
 strength = 5e-4
