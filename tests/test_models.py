@@ -1,4 +1,5 @@
 """Model adapters on tiny random configs: forward shapes, blocks() and linear_roles() checked by hooks."""
+import copy
 import os
 
 import pytest
@@ -49,6 +50,13 @@ def _img(m):
     return {"pixel_values": torch.randn(2, 3, 32, 32)}
 
 
+def _naflex(m):  # SigLIP2: flattened 8x8 patches, padding mask, patch grid per image
+    mask = torch.ones(2, 16, dtype=torch.long)
+    mask[1, 12:] = 0
+    return {"pixel_values": torch.randn(2, 16, 3 * 8 * 8), "pixel_attention_mask": mask,
+            "spatial_shapes": torch.tensor([[4, 4], [3, 4]])}
+
+
 def _txt(m):
     return {"input_ids": torch.randint(1, 100, (2, 7)), "attention_mask": torch.ones(2, 7, dtype=torch.long)}
 
@@ -60,6 +68,9 @@ FAMILIES = {  # name -> (builder, batch maker, n outputs, family seen by blocks)
     "vit": (lambda: tf.ViTForImageClassification(tf.ViTConfig(**_V, num_labels=3)), _img, 3),
     "clip": (lambda: tf.CLIPForImageClassification(tf.CLIPConfig(vision_config=_V, text_config=_T, num_labels=3)), _img, 3),
     "siglip": (lambda: tf.SiglipForImageClassification(tf.SiglipConfig(vision_config=_V, text_config=_T, num_labels=3)), _img, 3),
+    "siglip2": (lambda: tf.Siglip2ForImageClassification(tf.Siglip2Config(
+        vision_config={**{k: v for k, v in _V.items() if k != "image_size"}, "num_patches": 16}, text_config=_T,
+        num_labels=3)), _naflex, 3),
     "qwen2": (lambda: tf.Qwen2ForCausalLM(tf.Qwen2Config(**_LM)), _txt, 100),
     "llama": (lambda: tf.LlamaForCausalLM(tf.LlamaConfig(**_LM)), _txt, 100),
     "qwen2-cls": (lambda: tf.Qwen2ForSequenceClassification(tf.Qwen2Config(**_LM, num_labels=3)), _txt, 3),
@@ -140,6 +151,29 @@ def test_load_local_dirs_and_image_size(tmp_path):
     assert bd.image_mean == models.IMAGENET_MEAN
     assert bd.model(pixel_values=torch.randn(2, 3, 56, 56)).logits.shape == (2, 3)
     assert models.load(str(dd), task="backbone").num_labels is None
+
+
+def test_load_siglip2_from_plain_images(tmp_path):
+    """SigLIP2 (NaFlex) loads behind a wrapper that takes (B, C, H, W) images; the patches it cuts are
+    the ones transformers' own Siglip2 image processor cuts."""
+    from transformers.models.siglip2.image_processing_pil_siglip2 import convert_image_to_patches  # numpy
+    d = tmp_path / "siglip2"
+    vcfg = {**{k: v for k, v in _V.items() if k != "image_size"}, "num_patches": 16}
+    tf.Siglip2Model(tf.Siglip2Config(vision_config=vcfg, text_config=_T)).save_pretrained(d)  # a checkpoint
+    b = models.load(str(d), num_labels=3)
+    assert (b.family, b.modality, b.image_size) == ("siglip", "image", 32)
+    images = torch.randn(2, 3, 32, 24)                      # non-square: a 4 x 3 grid
+    inner = b.model.model
+    ref = inner(pixel_values=torch.stack([torch.from_numpy(convert_image_to_patches(i.numpy(), 8)) for i in images]),
+                pixel_attention_mask=torch.ones(2, 12, dtype=torch.long),
+                spatial_shapes=torch.tensor([[4, 3], [4, 3]])).logits
+    torch.testing.assert_close(b.model(pixel_values=images).logits, ref, rtol=0, atol=0)
+    assert len(models.blocks(b.model)) == L and models.linear_roles(b.model)["model.classifier"] == "head"
+    with pytest.raises(ValueError, match="multiple of the patch size 8"):
+        b.model(pixel_values=torch.randn(1, 3, 30, 32))
+    from s2d.quant import QuantSpec, quantize_model   # the wrapped model quantizes like the others
+    q = quantize_model(copy.deepcopy(b.model), QuantSpec(16, 16), calib=[{"pixel_values": images}], progress=False)
+    torch.testing.assert_close(q(pixel_values=images).logits, ref, rtol=0, atol=1e-4)
 
 
 def test_load_errors(tmp_path, monkeypatch):

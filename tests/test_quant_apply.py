@@ -31,6 +31,14 @@ def _image_batch():
     return {"pixel_values": torch.randn(2, 3, 32, 32)}
 
 
+def _naflex_batch():
+    """SigLIP2's NaFlex input: flattened patches, a patch padding mask and each image's patch grid."""
+    mask = torch.ones(2, 16, dtype=torch.long)
+    mask[1, 12:] = 0                                   # second image: a 3 x 4 grid, 4 padded patches
+    return {"pixel_values": torch.randn(2, 16, 3 * 8 * 8), "pixel_attention_mask": mask,
+            "spatial_shapes": torch.tensor([[4, 4], [3, 4]])}
+
+
 # name -> (builder(attn_implementation), batch factory, causal)
 FAMILIES = {
     "bert": (lambda impl: tf.BertForSequenceClassification(tf.BertConfig(vocab_size=100, num_labels=3, **SMALL),
@@ -45,6 +53,10 @@ FAMILIES = {
             _image_batch, False),
     "siglip": (lambda impl: tf.SiglipVisionModel(tf.SiglipVisionConfig(attn_implementation=impl, **VISION)),
                _image_batch, False),
+    "siglip2": (lambda impl: tf.Siglip2VisionModel(tf.Siglip2VisionConfig(attn_implementation=impl, num_patches=16,
+                                                                          **{k: v for k, v in VISION.items()
+                                                                             if k != "image_size"})),
+                _naflex_batch, False),
     "clip": (lambda impl: tf.CLIPVisionModel(tf.CLIPVisionConfig(attn_implementation=impl, **VISION)),
              _image_batch, False),
     "qwen2": (lambda impl: tf.Qwen2ForCausalLM(tf.Qwen2Config(vocab_size=100, num_key_value_heads=2,
@@ -69,8 +81,9 @@ def _build(family, impl="sdpa"):
 
 def _valid(family, batch, out):
     """Positions whose output is defined identically by every implementation (drop padded queries)."""
-    if "attention_mask" in batch and out.dim() == 3:
-        return out[batch["attention_mask"].bool()]
+    mask = batch.get("attention_mask", batch.get("pixel_attention_mask"))
+    if mask is not None and out.dim() == 3:
+        return out[mask.bool()]
     return out
 
 

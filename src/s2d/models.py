@@ -267,6 +267,31 @@ class TimmClassifier(nn.Module):
         return ImageClassifierOutput(loss=loss, logits=logits)
 
 
+class NaFlexClassifier(nn.Module):
+    """Feed a SigLIP2 (NaFlex) classifier from ordinary images, as the other image models are fed.
+
+    ``forward(pixel_values (B, C, H, W), labels=None)`` cuts the images into ``patch_size`` squares in
+    the order of transformers' Siglip2 image processor (rows, then columns; each patch flattened as
+    (p, p, C)), and passes them with an all-ones patch mask and the (H/p, W/p) grid to the wrapped model.
+    """
+
+    def __init__(self, model: nn.Module, patch_size: int):
+        super().__init__()
+        self.model = model
+        self.patch_size = patch_size
+
+    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None):
+        b, c, h, w = pixel_values.shape
+        p = self.patch_size
+        if h % p or w % p:
+            raise ValueError(f"image size {h}x{w} must be a multiple of the patch size {p}")
+        patches = (pixel_values.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1)
+                   .reshape(b, (h // p) * (w // p), p * p * c))
+        mask = torch.ones(patches.shape[:2], dtype=torch.long, device=patches.device)
+        grid = torch.tensor([[h // p, w // p]], device=patches.device).expand(b, 2)
+        return self.model(pixel_values=patches, pixel_attention_mask=mask, spatial_shapes=grid, labels=labels)
+
+
 def _resolve(name_or_path: str) -> str:
     from s2d import assets
     if name_or_path in assets.REGISTRY:
@@ -378,9 +403,14 @@ def load(name_or_path: str, task: str = "classification", num_labels: int | None
     model = auto.from_pretrained(src, **kw)
     size, mean, std = _preprocessing(src, family, config) if modality == "image" else (None, None, None)
     if modality == "image" and image_size is not None:
-        if family != "dinov2" and image_size != size:  # DINOv2 interpolates in its forward
+        if family != "dinov2" and not config.model_type.startswith("siglip2") and image_size != size:
+            # DINOv2 interpolates its positions in the forward, SigLIP2 (NaFlex) to each image's grid
             model = _resize_positions(model, image_size)
         size = image_size
+    if config.model_type.startswith("siglip2") and task == "classification":
+        vcfg = getattr(config, "vision_config", config)   # NaFlex: a square grid of num_patches by default
+        size = size or math.isqrt(vcfg.num_patches) * vcfg.patch_size
+        model = NaFlexClassifier(model, vcfg.patch_size)
     model.eval()
     return ModelBundle(model=model, modality=modality, family=family, name=name_or_path, tokenizer=tokenizer,
                        image_size=size, image_mean=mean, image_std=std,
