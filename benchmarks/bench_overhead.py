@@ -1,9 +1,15 @@
 """S2D training overhead at interval=100 vs plain AdamW on a small transformer, interleaved in one run.
 
 Two identical models train side by side; chunks of ``interval`` steps (each S2D chunk contains one
-refresh) alternate between the arms, and the ratio of the median chunk times is reported as JSON.
+refresh) alternate between the arms, and every step is timed.  Two ratios are reported as JSON:
 
-    python benchmarks/bench_overhead.py [--chunks 6] [--interval 100] [--update coupled] [--device cpu]
+* ``overhead_ratio``: median S2D chunk time / median AdamW chunk time (direct, but chunk times on a
+  shared machine scatter by +-10-20 %, more than the effect being measured);
+* ``overhead_ratio_from_steps``: 1 + [(m_s2d - m_adamw) + (r - m_s2d) / interval] / m_adamw, with m the
+  median per-step time of each arm (S2D's non-refresh steps) and r the median time of its refresh
+  steps, which is robust to that noise.
+
+    python benchmarks/bench_overhead.py [--chunks 10] [--interval 100] [--update coupled] [--selection pcdr]
 """
 from __future__ import annotations
 
@@ -52,27 +58,31 @@ class _Block(nn.Module):
         return x + self.fc2(nn.functional.gelu(self.fc1(self.norm2(x))))
 
 
-def chunk(model, opt, data, start: int, steps: int, device: str) -> float:
+def chunk(model, opt, data, start: int, steps: int, device: str) -> list[float]:
+    """Train ``steps`` steps; returns each step's wall time (s)."""
     ids, y = data
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    t = time.perf_counter()
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    times = []
     for s in range(start, start + steps):
+        sync()
+        t = time.perf_counter()
         j = s % ids.shape[0]
         loss = nn.functional.cross_entropy(model(ids[j]), y[j])
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return time.perf_counter() - t
+        sync()
+        times.append(time.perf_counter() - t)
+    return times
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--chunks", type=int, default=6, help="timed chunks per arm (each = interval steps)")
+    ap.add_argument("--chunks", type=int, default=10, help="timed chunks per arm (each = interval steps)")
     ap.add_argument("--interval", type=int, default=100)
     ap.add_argument("--update", default="coupled", choices=["coupled", "decoupled"])
+    ap.add_argument("--selection", default="pcdr", choices=["pcdr", "all"],
+                    help="'all' penalises every layer at every step (the worst case for the per-step cost)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--device", default="cpu")
@@ -88,28 +98,38 @@ def main() -> None:
             torch.randint(0, 10, (32, args.batch), generator=g).to(args.device))
     opt_b = torch.optim.AdamW(base.parameters(), lr=1e-4)
     opt_r = torch.optim.AdamW(reg.parameters(), lr=1e-4)
-    s2d = SelectiveSpectralDecay(reg, opt_r, S2DConfig(interval=args.interval, update=args.update))
+    s2d = SelectiveSpectralDecay(reg, opt_r, S2DConfig(interval=args.interval, update=args.update,
+                                                           selection=args.selection))
     chunk(base, opt_b, data, 0, 5, args.device)           # warm-up both arms (S2D's first refresh included)
     chunk(reg, opt_r, data, 0, 5, args.device)
-    times_b, times_r = [], []
+    steps_b, steps_r = [], []            # per chunk, per step times
     step_b = step_r = 5
     for c in range(args.chunks):
         arms = [("b", base, opt_b), ("r", reg, opt_r)]
         for tag, model, opt in (arms if c % 2 == 0 else arms[::-1]):   # alternate which arm goes first
             if tag == "b":
-                times_b.append(chunk(model, opt, data, step_b, args.interval, args.device))
+                steps_b.append(chunk(model, opt, data, step_b, args.interval, args.device))
                 step_b += args.interval
             else:
                 # steps [5 + c*interval, 5 + (c+1)*interval) hold exactly one refresh (a multiple of interval)
-                times_r.append(chunk(model, opt, data, step_r, args.interval, args.device))
+                steps_r.append(chunk(model, opt, data, step_r, args.interval, args.device))
                 step_r += args.interval
+    times_b, times_r = [sum(t) for t in steps_b], [sum(t) for t in steps_r]
     mb, mr = statistics.median(times_b), statistics.median(times_r)
+    due = (args.interval - 5 % args.interval) % args.interval          # index of the refresh step in a chunk
+    step_b_med = statistics.median(t for ts in steps_b for t in ts)
+    step_r_med = statistics.median(t for ts in steps_r for i, t in enumerate(ts) if i != due)
+    refresh_med = statistics.median(ts[due] for ts in steps_r)
+    from_steps = 1 + ((step_r_med - step_b_med) + (refresh_med - step_r_med) / args.interval) / step_b_med
     selected = sum(1 for s in s2d.layer_stats() if s.k_target is not None)
     print(json.dumps({
         "benchmark": "s2d_training_overhead", "device": args.device, "threads": torch.get_num_threads(),
         "model": "4-layer d=128 pre-LN transformer, 17 Linear layers", "batch": args.batch, "seq": args.seq,
-        "interval": args.interval, "update": args.update, "chunks": args.chunks, "steps_per_chunk": args.interval,
+        "interval": args.interval, "update": args.update, "selection": args.selection, "chunks": args.chunks,
+        "steps_per_chunk": args.interval,
         "adamw_chunk_s_median": mb, "s2d_chunk_s_median": mr, "overhead_ratio": mr / mb,
+        "adamw_step_s_median": step_b_med, "s2d_step_s_median": step_r_med,
+        "s2d_refresh_step_s_median": refresh_med, "overhead_ratio_from_steps": from_steps,
         "adamw_chunk_s_all": times_b, "s2d_chunk_s_all": times_r,
         "layers_penalised_at_last_refresh": selected, "targets": len(s2d.targets),
     }, indent=2))
