@@ -20,10 +20,8 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from s2d.data import build_loaders, calibration_batches
+from s2d.experiment import write_json
 from s2d.models import load
 from s2d.quant import QuantSpec
 from s2d.quant.apply import available_methods, quantize_model
@@ -102,14 +101,6 @@ def compare(method: str, model, spec: QuantSpec, calib, eval_batches, ref_logits
             "accuracy": float((logits.argmax(-1) == labels).float().mean()),
             "agreement": float((logits.argmax(-1) == ref_logits.argmax(-1)).float().mean()),
             "logit_cosine": float(F.cosine_similarity(logits, ref_logits, dim=-1).mean())}
-
-
-def write_json(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -22,8 +22,6 @@ import json
 import logging
 import os
 import platform
-import statistics
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,6 +31,7 @@ from torch import nn
 
 from s2d.decay import ActivationPeak, S2DConfig, SelectiveSpectralDecay, compute_refresh
 from s2d.distributed import partition
+from s2d.experiment import write_json
 
 logger = logging.getLogger("bench_refresh")
 
@@ -178,14 +177,6 @@ def measure_refresh_pass(name: str, shapes: list[tuple[int, int]], device: torch
     return RefreshPass(name, len(shapes), t_refresh, t_svd, t_busy)
 
 
-def _write_json(obj: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> Report:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
@@ -211,7 +202,7 @@ def main(argv: list[str] | None = None) -> Report:
         for name, shapes in (("vit-b/16", VIT_B), ("qwen2.5-0.5b-shapes", QWEN_05B)):
             report.refresh_pass.append(measure_refresh_pass(name, shapes, device, args.repeat, not args.no_svd))
     out = args.out or Path(__file__).parent / "results" / f"refresh-{device.type}.json"
-    _write_json(asdict(report), out)
+    write_json(out, asdict(report))
     print(json.dumps(asdict(report), indent=2))
     return report
 

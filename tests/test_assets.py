@@ -1,7 +1,5 @@
 """Fetch / verify / cache logic against a local fake package directory (no network)."""
 import hashlib
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 

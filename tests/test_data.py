@@ -142,7 +142,6 @@ def test_too_many_classes(tmp_path):
 
 def test_image_folder(tmp_path):
     from PIL import Image
-    rng = np.random.default_rng(1)
     for c, name in enumerate(["cat", "dog"]):
         (tmp_path / "imgs" / name).mkdir(parents=True)
         for i in range(10):

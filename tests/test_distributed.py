@@ -1,7 +1,6 @@
 """s2d.distributed: load balancing, collectives (gloo, 2 CPU processes), DDP / FSDP2 equivalence."""
 from __future__ import annotations
 
-import copy
 import itertools
 import math
 import os

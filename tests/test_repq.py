@@ -1,9 +1,6 @@
 """RepQ-ViT: scale reparameterisation (exact in float), log-√2 use, quantile/MSE range search, whole models."""
 from __future__ import annotations
 
-import copy
-import math
-
 import pytest
 import torch
 from torch import nn

@@ -7,7 +7,6 @@ reproduces an uninterrupted run bit for bit (same data order, RNG, optimizer and
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from types import SimpleNamespace
 
 import pytest

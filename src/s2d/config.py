@@ -79,8 +79,8 @@ ptq4vit = { n_candidates = 20, rounds = 1 }
 batches = 2
 sample_size = 2048
 
-[quick]          # `s2d run --quick`: the same pipeline, smaller (about 3 minutes on 2 cores)
-train = { steps = 12, eval_every = 6, log_every = 6, eval_batches = 1, save_every = 0 }
+[quick]          # `s2d run --quick`: the same pipeline, smaller (about 2-3 minutes on 2 cores)
+train = { steps = 12, eval_every = 6, log_every = 6, eval_batches = 1, eval_batch_size = 32, save_every = 0 }
 data = { limit_train = 384, limit_eval = 128 }
 arms = { names = ["adamw", "adamw+s2d", "qat", "qat+s2d"] }
 quant = { bits = ["W8A8", "W4A4"], methods = ["rtn", "repq"] }
