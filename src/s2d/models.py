@@ -402,12 +402,13 @@ def load(name_or_path: str, task: str = "classification", num_labels: int | None
         raise ValueError(f"task 'causal-lm' needs a causal LM (qwen2, llama), {name_or_path} is {family}")
     model = auto.from_pretrained(src, **kw)
     size, mean, std = _preprocessing(src, family, config) if modality == "image" else (None, None, None)
+    naflex = config.model_type.startswith("siglip2")
     if modality == "image" and image_size is not None:
-        if family != "dinov2" and not config.model_type.startswith("siglip2") and image_size != size:
+        if family != "dinov2" and not naflex and image_size != size:
             # DINOv2 interpolates its positions in the forward, SigLIP2 (NaFlex) to each image's grid
             model = _resize_positions(model, image_size)
         size = image_size
-    if config.model_type.startswith("siglip2") and task == "classification":
+    if naflex and task == "classification":
         vcfg = getattr(config, "vision_config", config)   # NaFlex: a square grid of num_patches by default
         size = size or math.isqrt(vcfg.num_patches) * vcfg.patch_size
         model = NaFlexClassifier(model, vcfg.patch_size)
