@@ -29,10 +29,9 @@ import torch
 import torch.nn.functional as F
 
 from s2d.data import build_loaders, calibration_batches
-from s2d.experiment import write_json
 from s2d.models import load
-from s2d.quant import QuantSpec
-from s2d.quant.apply import available_methods, quantize_model
+from s2d.quant import QuantConfig, available_methods, quantize_model
+from s2d.utils import write_json
 
 
 def finetune_briefly(model: torch.nn.Module, loader, steps: int, lr: float, seed: int) -> float:
@@ -138,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
     calib = calibration_batches(loaders, num_samples=args.calib_samples, seed=args.seed)
     eval_batches = list(loaders.val)
     ref_logits, labels = logits_on(bundle.model, eval_batches)
-    spec = QuantSpec(w_bits=args.w_bits, a_bits=args.a_bits)
+    spec = QuantConfig(w_bits=args.w_bits, a_bits=args.a_bits)
     rows = [{"method": "float", "calib_seconds": 0.0,
              "accuracy": float((ref_logits.argmax(-1) == labels).float().mean()), "agreement": 1.0,
              "logit_cosine": 1.0}]

@@ -18,7 +18,7 @@ import time
 import torch
 import transformers as tf
 
-from s2d.quant import QuantSpec, quantize_model
+from s2d.quant import QuantConfig, quantize_model
 
 
 def _model(name: str) -> torch.nn.Module:
@@ -58,7 +58,7 @@ def main() -> None:
         mask = torch.ones(args.batch, args.seq, dtype=torch.long)
         mask[: args.batch // 2, args.seq // 2:] = 0  # half the rows padded
         batches.append({"input_ids": torch.randint(1000, 20000, (args.batch, args.seq)), "attention_mask": mask})
-    spec = QuantSpec(w_bits=args.bits, a_bits=args.bits)
+    spec = QuantConfig(w_bits=args.bits, a_bits=args.bits)
     qm = quantize_model(copy.deepcopy(fp), spec, "rtn", batches[:1], progress=False)
     _time(fp, batches[:1]), _time(qm, batches[:1])  # warm-up
     t_fp, t_q = [], []

@@ -29,9 +29,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from s2d.decay import ActivationPeak, S2DConfig, SelectiveSpectralDecay, compute_refresh
-from s2d.distributed import partition
-from s2d.experiment import write_json
+from s2d.regularizer import ActivationPeak, S2DConfig, SelectiveSpectralDecay, compute_refresh
+from s2d.regularizer.sharding import partition
+from s2d.utils import write_json
 
 logger = logging.getLogger("bench_refresh")
 
@@ -162,7 +162,7 @@ def measure_refresh_pass(name: str, shapes: list[tuple[int, int]], device: torch
     owners = partition(shapes, 8)
     loads = [sum(1 for o in owners if o == r) for r in range(8)]
     costs = [0.0] * 8
-    from s2d.distributed import refresh_cost
+    from s2d.regularizer.sharding import refresh_cost
 
     for s, o in zip(shapes, owners):
         costs[o] += refresh_cost(s)

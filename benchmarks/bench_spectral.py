@@ -42,7 +42,7 @@ def sync(device: str) -> None:
 
 def ours(layers):
     specs = spectra([w for w, _, _ in layers])
-    return specs, [pcdr_curve(w, x, i, spec=s)[:3] for (w, x, i), s in zip(layers, specs)]
+    return specs, [pcdr_curve(w, x, i, spectrum=s)[:3] for (w, x, i), s in zip(layers, specs)]
 
 
 def svd_loop(layers):
@@ -51,7 +51,7 @@ def svd_loop(layers):
         U, S, Vh = torch.linalg.svd(w, full_matrices=False)
         s = Spectrum(U=U, S=S, V=Vh.T)
         specs.append(s)
-        curves.append(pcdr_curve(w, x, i, spec=s)[:3])
+        curves.append(pcdr_curve(w, x, i, spectrum=s)[:3])
     return specs, curves
 
 

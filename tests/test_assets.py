@@ -1,11 +1,14 @@
 """Fetch / verify / cache logic against a local fake package directory (no network)."""
 import hashlib
+import json
+import os
 import zipfile
 from pathlib import Path
 
 import pytest
 
-from s2d import assets, cli
+from s2d import assets
+from s2d.pipeline import cli
 
 PAYLOAD = {"fakepkg/data/a.txt": b"hello asset\n", "fakepkg/data/b.bin": bytes(range(256)) * 40}
 
@@ -91,6 +94,63 @@ def test_interrupted_fetch_recovered(fake):
     assert not assets.is_cached("fake")
     assets.fetch("fake", progress=False, downloader=assets.LocalDirDownloader(tmp / "mirror"))
     assert assets.is_cached("fake")
+
+
+def _corrupt_same_size(path: Path, keep_mtime: bool) -> None:
+    """Overwrite a file's bytes without changing its size (and, if asked, restore its mtime)."""
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    data[0] ^= 0xFF
+    path.write_bytes(bytes(data))
+    if keep_mtime:
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert path.stat().st_size == st.st_size
+
+
+def test_same_size_corruption_is_refetched_never_loaded(fake, caplog):
+    tmp, _ = fake
+    dl = CountingDownloader(tmp / "mirror")
+    entry = assets.fetch("fake", progress=False, downloader=dl)
+    _corrupt_same_size(entry / "b.bin", keep_mtime=False)
+    assert not assets.is_cached("fake")
+    assert "corrupted" in assets.check_entry(entry)
+    with caplog.at_level("WARNING"):
+        entry = assets.fetch("fake", progress=False, downloader=dl)
+    assert CountingDownloader.calls == 2 and "fetching it again" in caplog.text
+    assert (entry / "b.bin").read_bytes() == PAYLOAD["fakepkg/data/b.bin"]
+    assert assets.is_cached("fake")
+
+
+def test_touched_file_with_same_bytes_stays_cached(fake):
+    tmp, _ = fake
+    entry = assets.fetch("fake", progress=False, downloader=assets.LocalDirDownloader(tmp / "mirror"))
+    os.utime(entry / "a.txt", ns=(0, 10**18))          # new mtime, same bytes: re-hashed once, then trusted
+    assert assets.check_entry(entry) is None
+    marker = json.loads((entry / assets.MARKER).read_text())
+    assert marker["files"]["a.txt"]["mtime_ns"] == 10**18
+
+
+def test_verify_catches_corruption_the_cheap_check_cannot(fake, capsys):
+    tmp, _ = fake
+    dl = CountingDownloader(tmp / "mirror")
+    entry = assets.fetch("fake", progress=False, downloader=dl)
+    assert cli.main(["assets", "verify", "fake"]) == 0 and "fake: ok" in capsys.readouterr().out
+    _corrupt_same_size(entry / "a.txt", keep_mtime=True)   # size and mtime as recorded
+    assert assets.is_cached("fake")                         # the cheap proof cannot see it ...
+    assert cli.main(["assets", "verify", "fake"]) == 1      # ... a full re-hash does
+    out = capsys.readouterr().out
+    assert "fake: CORRUPTED: a.txt does not match the sha256" in out and "s2d assets fetch fake" in out
+    assert not assets.is_cached("fake")
+    entry = assets.fetch("fake", progress=False, downloader=dl)
+    assert CountingDownloader.calls == 2 and (entry / "a.txt").read_bytes() == PAYLOAD["fakepkg/data/a.txt"]
+
+
+def test_old_marker_without_digests_is_refetched(fake):
+    tmp, _ = fake
+    entry = assets.fetch("fake", progress=False, downloader=assets.LocalDirDownloader(tmp / "mirror"))
+    (entry / assets.MARKER).write_text(json.dumps({"name": "fake", "sizes": {"a.txt": 12}}))
+    assert "older s2d" in assets.check_entry(entry)
+    assert not assets.is_cached("fake")
 
 
 def test_real_pip_recipe_against_local_index(fake):

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from s2d.decay import ActivationPeak, S2DConfig, SelectiveSpectralDecay, compute_refresh
-from s2d.distributed import BackgroundTask
+from s2d.regularizer import ActivationPeak, S2DConfig, SelectiveSpectralDecay, compute_refresh
+from s2d.regularizer.worker import BackgroundTask
 
 
 # ----------------------------------------------------------------------------- config / worker

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from s2d.cli import build_parser, main
+from s2d.pipeline.cli import build_parser, main
 from test_experiment import make_csv, make_tiny_model
 
 BIN = Path(sys.executable).parent
@@ -133,7 +133,7 @@ sample_size = 32
 ''')
     out = tmp_path / "run"
     assert main(["run", str(tmp_path / "c.toml"), "--out", str(out), "--no-progress"]) == 0
-    from s2d.report import format_accuracy_table
+    from s2d.pipeline.tables import format_accuracy_table
 
     res = json.loads((out / "results.json").read_text())
     assert len(res["cells"]) == 4 and set(res["arms"]) == {"adamw", "adamw+s2d"}
@@ -143,6 +143,15 @@ sample_size = 32
     # a second invocation reuses everything and prints the same table
     assert main(["run", str(tmp_path / "c.toml"), "--out", str(out), "--no-progress"]) == 0
     assert capsys.readouterr().out.rstrip().endswith(format_accuracy_table(res))
+
+
+def test_bad_data_file_one_line_exit_2(tiny, tmp_path):
+    model, good = tiny
+    (tmp_path / "cut.csv").write_bytes(good.read_bytes()[:40] + b"\xff\xfe")      # truncated, not UTF-8
+    proc = _run([str(BIN / "s2d"), "evaluate", str(model), "--data", "cut.csv", "--no-progress"], tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("s2d ")]
+    assert len(lines) == 1 and "cut.csv: not UTF-8 text" in lines[0]
 
 
 def test_parser_lists_every_subcommand():

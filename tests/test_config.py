@@ -1,4 +1,4 @@
-"""s2d.config: TOML -> validated ExperimentConfig.
+"""s2d.pipeline.parse / config: TOML -> validated ExperimentConfig.
 
 Checks: every invalid field fails with ONE line naming that field (before anything is loaded), the
 `--quick` merge, the fingerprint (stable under key order / comments, sensitive to values), the S2D
@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from s2d.config import (DEFAULT_TOML, ARM_KINDS, bits_name, from_dict, load_config, parse_bits,
-                        scale_interval)
-from s2d.decay import S2DConfig
+from s2d.pipeline.config import ARM_KINDS, scale_interval
+from s2d.pipeline.parse import default_config_text, from_dict, load_config
+from s2d.quant import Bits, RTNConfig
+from s2d.regularizer import S2DConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,8 +44,8 @@ def test_base_builds_expected_arms_and_plan():
     cfg = from_dict(BASE)
     assert [a.name for a in cfg.arms] == ["adamw", "adamw+s2d", "qat@W4A4"]
     adamw, s2d, qat = cfg.arms
-    assert (adamw.s2d, adamw.qat_bits, s2d.qat_bits) == (None, None, None)
-    assert s2d.s2d == S2DConfig() and qat.qat_bits == (4, 4) and qat.s2d is None
+    assert (adamw.s2d_config, adamw.qat_bits, s2d.qat_bits) == (None, None, None)
+    assert s2d.s2d_config == S2DConfig() and qat.qat_bits == (4, 4) and qat.s2d_config is None
     assert cfg.quant.bits == ((8, 8), (4, 4)) and cfg.quant.methods == ("rtn",)
     assert cfg.train.steps == 10 and cfg.train.seed == 0
 
@@ -55,10 +56,10 @@ def test_all_arm_kinds_and_sweep():
     raw["sweep"] = {"strength": [1e-3, 1e-4]}
     cfg = from_dict(raw)
     by = {a.name: a for a in cfg.arms}
-    assert by["adamw+s2d-all"].s2d.selection == "all"
-    assert by["muon+s2d"].optimizer == "muon" and by["muon+s2d"].s2d is not None
+    assert by["adamw+s2d-all"].s2d_config.selection == "all"
+    assert by["muon+s2d"].optimizer == "muon" and by["muon+s2d"].s2d_config is not None
     assert {n for n in by if n.startswith("qat")} == {"qat@W4A4", "qat@W3A4", "qat+s2d@W4A4", "qat+s2d@W3A4"}
-    assert by["adamw+s2d[strength=0.001]"].s2d.strength == 1e-3
+    assert by["adamw+s2d[strength=0.001]"].s2d_config.strength == 1e-3
 
 
 BAD = [
@@ -75,12 +76,13 @@ BAD = [
     (with_("quant.bits", ["W4A4", "w4a4"]), "quant.bits lists a bit setting twice"),
     (with_("quant.methods", ["rtn", "gptq"]), "unknown PTQ method 'gptq' in quant.methods"),
     (with_("quant.methods", []), "quant.methods must list at least one method"),
-    (with_("quant.spec", {"a_range": "median"}), "QuantSpec.a_range"),
+    (with_("quant.spec", {"a_range": "median"}), "QuantConfig.a_range"),
     (with_("quant.spec", {"bogus": 1}), "unknown key quant.spec.bogus"),
     (with_("quant.spec", {"w_bits": 4}), "quant.spec.w_bits is set per cell"),
     (with_("quant.method_bits", {"gptq": ["W4A4"]}), "unknown key quant.method_bits.gptq"),
     (with_("quant.method_bits", {"rtn": ["W6A6"]}), "quant.method_bits.rtn: W6A6 is not in quant.bits"),
-    (with_("quant.config", {"rtn": {}}), "unknown key quant.config.rtn"),
+    (with_("quant.config", {"gptq": {}}), "unknown key quant.config.gptq"),
+    (with_("quant.config", {"rtn": {"nope": 1}}), "unknown key quant.config.rtn.nope"),
     (with_("quant.config", {"repq": {"nope": 1}}), "unknown key quant.config.repq.nope"),
     (with_("train.steps", 0), "TrainConfig.steps must be an integer >= 1"),
     (with_("train.lr", -1.0), "TrainConfig.lr"),
@@ -135,14 +137,14 @@ def test_local_paths_accepted(tmp_path):
 
 @pytest.mark.parametrize("text, expected", [("W8A8", (8, 8)), ("w3a4", (3, 4)), (" W16A2 ", (16, 2))])
 def test_parse_bits(text, expected):
-    assert parse_bits(text) == expected
-    assert bits_name(expected) == text.strip().upper()
+    assert Bits.parse(text) == expected
+    assert Bits(*expected).name == text.strip().upper()
 
 
 @pytest.mark.parametrize("text", ["W1A4", "W4A17", "W4", "A4W4", "", "W4A4x"])
 def test_parse_bits_rejects(text):
     with pytest.raises(ValueError, match="bit"):
-        parse_bits(text)
+        Bits.parse(text)
 
 
 def test_quick_merge_own_table_and_builtin():
@@ -185,7 +187,7 @@ def test_embedded_default_parses():
     assert [a.name for a in cfg.arms][:4] == ["adamw", "adamw+s2d", "muon", "adamw+s2d-all"]
     assert {a.name for a in cfg.arms if a.qat_bits} == {"qat@W4A4", "qat+s2d@W4A4"}
     assert cfg.quant.bits == ((8, 8), (6, 6), (5, 5), (4, 4), (3, 4))
-    assert cfg.s2d == S2DConfig(strength=5e-4, power=2.0, tau=0.95, k_max=3, interval=100)
+    assert cfg.s2d_config == S2DConfig(strength=5e-4, power=2.0, tau=0.95, k_max=3, interval=100)
     quick = load_config(None, quick=True)
     assert quick.train.steps < cfg.train.steps and quick.fingerprint() != cfg.fingerprint()
 
@@ -216,9 +218,10 @@ def test_method_bits_and_config_overrides():
     plan = from_dict(raw, check_names=False).quant
     assert plan.runs("rtn", (8, 8)) and plan.runs("rtn", (4, 4))
     assert plan.runs("repq", (4, 4)) and not plan.runs("repq", (8, 8))
-    assert plan.method_config("repq").reparam is False and plan.method_config("rtn") is None
+    assert plan.method_config("repq").reparam is False and plan.method_config("rtn") == RTNConfig()
 
 
-def test_shipped_default_config_is_the_embedded_one():
+def test_default_config_is_package_data_and_the_repository_file():
     shipped = Path(__file__).resolve().parents[1] / "configs" / "text-minilm-rt.toml"
-    assert shipped.read_text() == DEFAULT_TOML
+    assert shipped.read_text() == default_config_text()
+    assert load_config(None).raw == load_config(shipped).raw

@@ -96,7 +96,7 @@ def test_bad_inputs(tmp_path, text_bundle):
     (tmp_path / "bad.jsonl").write_text('{"text": "a", "label": 0}\n{oops\n')
     with pytest.raises(ValueError, match="bad.jsonl: line 2 is not valid JSON"):
         data.build_loaders(str(tmp_path / "bad.jsonl"), text_bundle)
-    np.savez(tmp_path / "x.npz", x=np.zeros((4, 8, 8), np.uint8), y=np.zeros(4, np.int64))
+    np.savez(tmp_path / "x.npz", x=np.zeros((4, 8, 8), np.uint8), y=np.arange(4) % 2)
     with pytest.raises(ValueError, match="is image data but model 'tiny' is a text model"):
         data.build_loaders(str(tmp_path / "x.npz"), text_bundle)
 
@@ -124,7 +124,8 @@ def test_npz_grey_to_rgb_resize_normalise(tmp_path):
     (np.zeros((4, 8, 8, 5)), np.zeros(4, np.int64), "field 'x' must have shape"),
     (np.zeros((4, 8, 8), np.uint8), np.zeros(3, np.int64), r"field 'y' must have shape \(4,\)"),
     (np.zeros((4, 8, 8), np.uint8), np.array([0, 1, -1, 0]), "integer labels >= 0"),
-    (np.full((4, 8, 8), 2.0), np.zeros(4, np.int64), r"must lie in \[0, 1\]"),
+    (np.full((4, 8, 8), 2.0), np.arange(4) % 2, r"must lie in \[0, 1\]"),
+    (np.zeros((4, 8, 8), np.uint8), np.ones(4, np.int64), r"field 'y' holds 1 distinct class\(es\)"),
     (np.zeros((0, 8, 8), np.uint8), np.zeros(0, np.int64), "dataset is empty"),
 ])
 def test_bad_npz(tmp_path, x, y, match):
@@ -132,6 +133,47 @@ def test_bad_npz(tmp_path, x, y, match):
     with pytest.raises(ValueError, match=match) as err:
         data.build_loaders(str(tmp_path / "b.npz"), _image_bundle())
     assert "b.npz" in str(err.value)
+
+
+def _npz_bytes(tmp_path) -> bytes:
+    np.savez(tmp_path / "good.npz", x=np.zeros((8, 4, 4), np.uint8), y=np.arange(8) % 2)
+    return (tmp_path / "good.npz").read_bytes()
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda b: b[: len(b) // 2], "truncated or damaged .npz archive"),
+    (lambda b: b"\x80\x04garbage pickle-looking bytes" * 8, r"not an \.npz file \(not a zip archive\)"),
+    (lambda b: b"", r"not an \.npz file \(empty\)"),
+    (lambda b: b"\x93NUMPY" + b"\x00" * 64, r"not an \.npz file \(an \.npy array\)"),
+])
+def test_damaged_npz_one_line(tmp_path, make, match):
+    (tmp_path / "bad.npz").write_bytes(make(_npz_bytes(tmp_path)))
+    with pytest.raises(ValueError, match=match) as err:
+        data.build_loaders(str(tmp_path / "bad.npz"), _image_bundle())
+    assert str(tmp_path / "bad.npz") in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("name,content,match", [
+    ("one.csv", "text,label\n" + "a film,1\n" * 20, "label column 'label' holds 1 distinct class"),
+    ("one.csv", "text,label\n" + "a film,pos\n" * 20, "label column 'label' holds 1 distinct class"),
+    ("latin1.csv", "text,label\ncaf\xe9,0\nbad,1\n".encode("latin-1"), "not UTF-8 text"),
+    ("list.jsonl", '{"text": "a", "label": 0}\n[1, 2]\n', "line 2 is not a JSON object"),
+])
+def test_bad_text_files_one_line(tmp_path, text_bundle, name, content, match):
+    path = tmp_path / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(ValueError, match=match) as err:
+        data.build_loaders(str(path), text_bundle)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_one_class_image_folder(tmp_path):
+    from PIL import Image
+    (tmp_path / "imgs" / "cat").mkdir(parents=True)
+    for i in range(3):
+        Image.new("RGB", (4, 4)).save(tmp_path / "imgs" / "cat" / f"{i}.png")
+    with pytest.raises(ValueError, match="image folder .* holds 1 distinct class"):
+        data.build_loaders(str(tmp_path / "imgs"), _image_bundle())
 
 
 def test_too_many_classes(tmp_path):

@@ -13,8 +13,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from s2d import distributed as sd
-from s2d.decay import ActivationPeak, S2DConfig, SelectiveSpectralDecay
+from s2d.regularizer import sharding as sd
+from s2d.regularizer import ActivationPeak, S2DConfig, SelectiveSpectralDecay
 
 
 # ----------------------------------------------------------------------------- spawn harness
@@ -241,15 +241,15 @@ def _train(model: nn.Module, forward: nn.Module, cfg: S2DConfig | None, shard: s
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
     s2d = SelectiveSpectralDecay(model, opt, cfg) if cfg is not None else None
     computed: list[str] = []
-    import s2d.decay as decay_mod
+    import s2d.regularizer.hooks as hooks_mod
 
-    real = decay_mod.compute_refresh
+    real = hooks_mod.compute_refresh
 
     def recording(weights, *a, **k):
         computed.extend(weights)
         return real(weights, *a, **k)
 
-    decay_mod.compute_refresh = recording
+    hooks_mod.compute_refresh = recording
     try:
         for x, y in _batches():
             loss = nn.functional.mse_loss(forward(x[shard]), y[shard])
@@ -257,7 +257,7 @@ def _train(model: nn.Module, forward: nn.Module, cfg: S2DConfig | None, shard: s
             opt.step()
             opt.zero_grad()
     finally:
-        decay_mod.compute_refresh = real
+        hooks_mod.compute_refresh = real
     stats = [(s.name, s.k_target, s.refreshed_at) for s in s2d.layer_stats()] if s2d else []
     return stats, computed
 

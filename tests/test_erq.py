@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from ptq_models import MODELS, logits
-from s2d.quant._erq_math import RowGrid, aqer, refine_rounding, ridge_solve, wqer
-from s2d.quant.apply import QuantLinear, QuantSpec, quantize_model
-from s2d.quant.erq import ERQConfig, erq_linear
+import s2d.quant.ptq.erq as erq_mod
+from s2d.quant import ERQConfig, QuantConfig, QuantLinear, quantize_model
+from s2d.quant.ptq.erq import erq_linear
+from s2d.quant.ptq.erq_math import RowGrid, aqer, refine_rounding, ridge_solve, wqer
+from s2d.quant.ptq.repq import set_weight_range
 from s2d.quant.quantizers import UniformQuantizer
 
 
@@ -117,12 +119,10 @@ def test_wqer_on_grid_and_lower_error_than_rtn():
 def test_erq_every_layer_beats_rtn_and_weights_are_on_grid(arch, monkeypatch):
     make, data = MODELS[arch]
     model, batches = make(), data()
-    import s2d.quant.erq as erq_mod
-
     stats = []
     real = erq_mod.erq_linear
     monkeypatch.setattr(erq_mod, "erq_linear", lambda lin, x, cfg: stats.append(real(lin, x, cfg)) or stats[-1])
-    quantize_model(model, QuantSpec(w_bits=4, a_bits=4), method="erq", calib=batches, progress=False)
+    quantize_model(model, QuantConfig(w_bits=4, a_bits=4), method="erq", calib=batches, progress=False)
     assert len(stats) == sum(isinstance(m, QuantLinear) for m in model.modules())
     for s in stats:  # the layer's output error on its own calibration data
         assert s["mse_erq"] <= s["mse_rtn"] * (1 + 1e-6), s
@@ -139,22 +139,20 @@ def test_erq_beats_rtn_on_model_output():
     errs = {}
     for method in ("rtn", "erq"):
         m = copy.deepcopy(model)
-        quantize_model(m, QuantSpec(4, 4), method=method, calib=batches, progress=False)
+        quantize_model(m, QuantConfig(4, 4), method=method, calib=batches, progress=False)
         errs[method] = float((logits(m, batches[0]) - ref).pow(2).mean())
     assert errs["erq"] < errs["rtn"]
 
 
 def test_erq_is_deterministic_and_bounds_cached_tokens(monkeypatch):
     make, data = MODELS["bert"]
-    import s2d.quant.erq as erq_mod
-
     seen = []
     real = erq_mod.erq_linear
     monkeypatch.setattr(erq_mod, "erq_linear", lambda lin, x, cfg: seen.append(x.shape[0]) or real(lin, x, cfg))
     outs = []
     for _ in range(2):
         model = make()
-        quantize_model(model, QuantSpec(4, 4), method="erq", calib=data(), config=ERQConfig(max_tokens=40),
+        quantize_model(model, QuantConfig(4, 4), method="erq", calib=data(), config=ERQConfig(max_tokens=40),
                        progress=False)
         outs.append(logits(model, data()[0]))
     torch.testing.assert_close(outs[0], outs[1], atol=0, rtol=0)
@@ -171,9 +169,6 @@ def test_config_validation(kwargs, field):
 def test_layer_falls_back_to_rtn_when_erq_is_worse(monkeypatch):
     """A (forced) overshooting Aqer: the layer must end exactly at RTN (weights on the RTN grid, bias
     restored) and report RTN's output error, recomputed here independently."""
-    import s2d.quant.erq as erq_mod
-    from s2d.quant.repq import set_weight_range
-
     x, w, b = _layer_data()
     lin = torch.nn.Linear(24, 12)
     with torch.no_grad():

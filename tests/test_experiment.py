@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import s2d.experiment as experiment
-from s2d.config import from_dict
-from s2d.experiment import RunDir, load_task, run_experiment
+import s2d.pipeline.experiment as experiment
+from s2d.pipeline.parse import from_dict
+from s2d.pipeline.config import DataConfig, ModelConfig
+from s2d.pipeline.experiment import RunDir, load_task, run_experiment
 
 WORDS = ["good", "bad", "film", "very", "not", "a", "plot", "actor", "great", "awful", "fun", "dull"]
 
@@ -101,9 +102,9 @@ def full_run(tiny, tmp_path_factory):
 
 def test_local_model_dir_and_csv_load(tiny, tmp_path):
     model_dir, data = tiny
-    from s2d.config import DataSpec, ModelSpec
+    from s2d.pipeline.config import DataConfig, ModelConfig
 
-    bundle, loaders = load_task(ModelSpec(str(model_dir)), DataSpec(str(data), max_length=16), batch_size=8)
+    bundle, loaders = load_task(ModelConfig(str(model_dir)), DataConfig(str(data), max_length=16), batch_size=8)
     assert bundle.family == "bert" and bundle.modality == "text" and bundle.tokenizer is not None
     assert loaders.num_labels == 2 and bundle.model.classifier.out_features == 2
     assert sum(len(l.dataset) for l in (loaders.train, loaders.val, loaders.test)) == 160
@@ -114,7 +115,7 @@ def test_local_model_dir_and_csv_load(tiny, tmp_path):
     # ignore_mismatched_sizes)
     encoder = make_tiny_model(tmp_path / "encoder", head=False)
     three = make_csv(tmp_path / "three.csv", n=60, classes=3)
-    bundle3, loaders3 = load_task(ModelSpec(str(encoder)), DataSpec(str(three)), batch_size=8)
+    bundle3, loaders3 = load_task(ModelConfig(str(encoder)), DataConfig(str(three)), batch_size=8)
     assert loaders3.num_labels == 3 and bundle3.model.classifier.out_features == 3
 
 
@@ -148,9 +149,9 @@ def test_interval_scaled_and_noted(full_run):
     # 4 steps, interval 100 -> 1 refresh < min_refreshes 2 -> interval 4 // 2 = 2
     assert result.notes == ["S2D interval scaled 100 -> 2: a 4-step run would refresh only 1 time(s) at "
                             "interval 100; min_refreshes = 2"]
-    assert result.arms["adamw+s2d"]["s2d"]["interval"] == 2
+    assert result.arms["adamw+s2d"]["s2d_config"]["interval"] == 2
     assert result.arms["adamw+s2d"]["train"]["s2d_config"]["interval"] == 2
-    assert result.arms["adamw"]["s2d"] is None
+    assert result.arms["adamw"]["s2d_config"] is None
 
 
 def test_recorded_accuracies_match_recomputation(full_run, tiny):
@@ -158,7 +159,7 @@ def test_recorded_accuracies_match_recomputation(full_run, tiny):
     from safetensors.torch import load_model
     from transformers import BertForSequenceClassification
 
-    from s2d.quant.apply import QuantSpec, quantize_model
+    from s2d.quant import QuantConfig, quantize_model
 
     cfg, out, result, _ = full_run
     _, loaders = load_task(cfg.model, cfg.data, batch_size=16, eval_batch_size=32, seed=0)
@@ -178,7 +179,7 @@ def test_recorded_accuracies_match_recomputation(full_run, tiny):
     assert accuracy(model) == pytest.approx(result.arms["adamw"]["fp_accuracy"], abs=1e-9)
     from s2d.data import calibration_batches
     calib = calibration_batches(loaders, num_samples=8, batch_size=8, seed=0)
-    quantize_model(model, QuantSpec(w_bits=4, a_bits=4), method="rtn", calib=calib, progress=False)
+    quantize_model(model, QuantConfig(w_bits=4, a_bits=4), method="rtn", calib=calib, progress=False)
     cell = next(c for c in result.cells if (c["arm"], c["method"], c["bits"]) == ("adamw", "rtn", "W4A4"))
     assert accuracy(model) == pytest.approx(cell["accuracy"], abs=1e-9)
 
@@ -204,7 +205,7 @@ def test_interrupted_run_finishes_only_missing(tiny, tmp_path, monkeypatch):
     real_finetune = experiment.finetune
 
     def counting_finetune(bundle, loaders, train_cfg, **kw):
-        trained.append(kw["s2d"] is not None)
+        trained.append(kw["s2d_config"] is not None)
         return real_finetune(bundle, loaders, train_cfg, **kw)
 
     monkeypatch.setattr(experiment, "finetune", counting_finetune)
@@ -236,3 +237,39 @@ def test_other_config_refused(full_run, tiny, tmp_path):
         RunDir(tmp_path / "junk").claim(cfg)
     RunDir(tmp_path / "fresh").claim(cfg)                         # new or empty directories are fine
     RunDir(tmp_path / "fresh").claim(cfg)
+
+
+@pytest.mark.parametrize("bad", ["no_label_column", "empty", "one_class"])
+def test_failed_run_does_not_lock_its_folder(tiny, tmp_path, bad):
+    """A run that fails on its data leaves --out free: the corrected config then runs in the same folder."""
+    model, good = tiny
+    data = tmp_path / "data.csv"
+    if bad == "no_label_column":
+        data.write_text("text,target\nbad movie,0\ngood movie,1\n")
+    elif bad == "empty":
+        data.write_text("")
+    else:
+        data.write_text("text,label\n" + "".join(f"movie number {i},1\n" for i in range(30)))
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=str(data)) as info:
+        run_experiment(from_dict(raw_config(model, data)), out, progress=False, cell_fn=CountingCell())
+    assert "\n" not in str(info.value)
+    assert not (out / "fingerprint.json").exists()
+    fixed = from_dict(raw_config(model, good, arms={"names": ["adamw"]}, train={"steps": 1},
+                                 quant={"methods": ["rtn"], "bits": ["W8A8"], "method_bits": {}}))
+    res = run_experiment(fixed, out, progress=False, cell_fn=CountingCell())
+    assert set(res.arms) == {"adamw"} and (out / "fingerprint.json").exists()
+
+
+def test_failure_before_any_result_releases_the_claim(tiny, tmp_path, monkeypatch):
+    cfg = from_dict(raw_config(*tiny, arms={"names": ["adamw"]}))
+
+    def crash(*a, **k):
+        raise RuntimeError("simulated crash in the first arm")
+
+    monkeypatch.setattr(experiment, "finetune", crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_experiment(cfg, tmp_path / "run", progress=False, cell_fn=CountingCell())
+    assert not (tmp_path / "run" / "fingerprint.json").exists()
+    other = from_dict(raw_config(*tiny, arms={"names": ["adamw"]}, train={"steps": 1}))
+    assert RunDir(tmp_path / "run").claim(other)               # any config may use it now

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from s2d.decay import S2DConfig, SelectiveSpectralDecay
+from s2d.regularizer import S2DConfig, SelectiveSpectralDecay
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
@@ -78,7 +78,7 @@ def test_hf_trainer_refreshes_penalises_checkpoints_and_resumes(tmp_path):
     plain = _trainer(tmp_path / "plain", [])
     plain.train()
 
-    s2d = cb.s2d
+    s2d = cb.decay
     assert s2d is not None and s2d.step == STEPS and not s2d._handles  # hooks gone after training
     stats = cb.layer_stats()
     assert {s.refreshed_at for s in stats} == {4}  # refreshes at steps 0, 2, 4 of 0..5
@@ -94,7 +94,7 @@ def test_hf_trainer_refreshes_penalises_checkpoints_and_resumes(tmp_path):
     cb2 = S2DCallback(CFG)
     resumed = _trainer(tmp_path / "s2d", [cb2])
     resumed.train(resume_from_checkpoint=str(tmp_path / "s2d" / "checkpoint-3"))
-    assert cb2.s2d.step == STEPS
+    assert cb2.decay.step == STEPS
     assert [(s.name, s.k_target, s.refreshed_at) for s in cb2.layer_stats()] == \
         [(s.name, s.k_target, s.refreshed_at) for s in stats]
     for (n, a), b in zip(with_s2d.model.named_parameters(), resumed.model.parameters()):
@@ -156,7 +156,7 @@ def test_lightning_callback_matches_manual_loop(tmp_path):
         plain_opt.step()
         plain_opt.zero_grad()
 
-    assert cb.s2d.step == STEPS and {s.refreshed_at for s in cb.layer_stats()} == {4}
+    assert cb.decay.step == STEPS and {s.refreshed_at for s in cb.layer_stats()} == {4}
     assert [s.k_target for s in cb.layer_stats()] == [s.k_target for s in ref.layer_stats()]
     assert any(s.k_target is not None for s in ref.layer_stats())
     for a, b, c in zip(module.net.parameters(), net.parameters(), plain.parameters()):
@@ -171,6 +171,6 @@ def test_lightning_callback_matches_manual_loop(tmp_path):
     cb2 = S2DLightningCallback(CFG)
     cb2.load_state_dict(copy.deepcopy(saved))
     cb2.on_fit_start(trainer, module)
-    assert cb2.s2d.step == STEPS
+    assert cb2.decay.step == STEPS
     assert [s.k_target for s in cb2.layer_stats()] == [s.k_target for s in ref.layer_stats()]
     cb2.on_fit_end(trainer, module)

@@ -8,6 +8,7 @@ import transformers as tf
 from torch import nn
 
 from s2d import models
+from s2d.assets.dinov2_onnx import IMAGENET_MEAN
 
 H, L, I = 32, 2, 64
 _V = dict(hidden_size=H, num_hidden_layers=L, num_attention_heads=2, intermediate_size=I, image_size=32, patch_size=8)
@@ -113,7 +114,9 @@ def test_adapter_forward_blocks_roles(family):
     counts = {r: sum(v == r for v in roles.values()) for r in set(roles.values())}
     assert counts["fc2"] == L and counts["attn_out"] == L
     assert counts.get("q", 0) + counts.get("qkv", 0) == L
-    assert counts["head"] == 1
+    # MPNet's classifier is dense + out_proj: both belong to the head (one rule for quant, Muon and reports)
+    assert counts["head"] == (2 if family == "mpnet" else 1)
+    assert {n for n, r in roles.items() if r == "head"} == models.head_names(model)
     # independent check through hooks: the named norms really produce the inputs of qkv / fc1
     names = [n for b in blocks for n in (b.qkv[0], b.fc1[0], b.attn_in_norm, b.mlp_in_norm, b.fc2, b.attn_out)]
     seen = _inputs_and_outputs(model, batch, set(names))
@@ -148,7 +151,7 @@ def test_load_local_dirs_and_image_size(tmp_path):
     dd = tmp_path / "dino"
     tf.Dinov2Model(tf.Dinov2Config(**{k: v for k, v in _V.items() if k != "intermediate_size"})).save_pretrained(dd)
     bd = models.load(str(dd), num_labels=3, image_size=56)
-    assert bd.image_mean == models.IMAGENET_MEAN
+    assert bd.image_mean == IMAGENET_MEAN
     assert bd.model(pixel_values=torch.randn(2, 3, 56, 56)).logits.shape == (2, 3)
     assert models.load(str(dd), task="backbone").num_labels is None
 

@@ -2,14 +2,13 @@
 import json
 from collections import Counter
 import math
-import sys
-import types
 from dataclasses import asdict
 
 import pytest
 import torch
 from torch import nn
 
+from s2d import probes
 from s2d.probes import capture_activations, quantile_from_top, spectral_table
 from s2d.spectral import pcdr_curve, select_rank
 
@@ -95,8 +94,7 @@ def test_quantile_from_top_matches_torch(n, q):
     assert quantile_from_top(top, n, q) == pytest.approx(float(torch.quantile(v, q)), rel=1e-12)
 
 
-def test_spectral_table_joins_spectrum_pcdr_and_stats(monkeypatch):
-    monkeypatch.setitem(sys.modules, "s2d.models", None)          # models.py unavailable -> "linear"
+def test_spectral_table_joins_spectrum_pcdr_and_stats():
     torch.manual_seed(0)
     model = Net().eval()
     with torch.no_grad():                                          # plant a dominant direction in fc1
@@ -113,7 +111,7 @@ def test_spectral_table_joins_spectrum_pcdr_and_stats(monkeypatch):
         y = lin(xs).detach()
         j, i = divmod(int(y.abs().argmax()), y.shape[1])
         curve = pcdr_curve(lin.weight, xs[j], i)
-        assert r.shape == tuple(lin.weight.shape) and r.role == "linear"
+        assert r.shape == tuple(lin.weight.shape) and r.role == "other"   # no transformer block here
         assert r.sigma_max == pytest.approx(float(torch.linalg.svdvals(lin.weight.double())[0]), rel=1e-5)
         assert r.pcdr == pytest.approx(curve[:3].tolist(), abs=1e-5)
         assert r.k_target == select_rank(curve, 0.9, 3)
@@ -124,8 +122,6 @@ def test_spectral_table_joins_spectrum_pcdr_and_stats(monkeypatch):
 
 
 def test_spectral_table_uses_model_roles(monkeypatch):
-    fake = types.ModuleType("s2d.models")
-    fake.linear_roles = lambda model: {"fc1": "fc1", "fc2": "fc2"}
-    monkeypatch.setitem(sys.modules, "s2d.models", fake)
+    monkeypatch.setattr(probes, "linear_roles", lambda model: {"fc1": "fc1", "fc2": "fc2"})
     rows = spectral_table(Net(), _batches(), progress=False)
     assert [r.role for r in rows] == ["fc1", "fc2"]

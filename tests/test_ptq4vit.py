@@ -12,11 +12,12 @@ import torch
 from torch import nn
 
 from ptq_models import MODELS, logits
-from s2d.quant.apply import QuantLinear, QuantSpec, quantize_model
-from s2d.quant.ptq4vit import (
-    PTQ4ViTConfig, _kl, _search_linear, search_scale, sym_fq, twin_gelu_fq, twin_softmax_fq,
-)
-from s2d.quant.quantizers import TwinUniformQuantizer, UniformQuantizer
+import s2d.quant.ptq.ptq4vit as ptq4vit_mod
+from s2d.quant import PTQ4ViTConfig, QuantConfig, QuantLinear, quantize_model
+from s2d.quant.nonuniform import TwinUniformQuantizer
+from s2d.quant.ptq.ptq4vit import _kl, _search_linear
+from s2d.quant.ptq.ptq4vit_math import search_scale, sym_fq, twin_gelu_fq, twin_softmax_fq
+from s2d.quant.quantizers import UniformQuantizer
 
 
 FAST = PTQ4ViTConfig(n_candidates=10, rounds=2, max_tokens=256)  # tiny models: a coarser search suffices
@@ -127,13 +128,11 @@ def test_kl_gradient_is_softmax_difference():
 
 @pytest.mark.parametrize("arch", sorted(MODELS))
 def test_ptq4vit_quantizers_and_per_layer_gain(arch, monkeypatch):
-    import s2d.quant.ptq4vit as mod
-
     make, data = MODELS[arch]
     model, batches = make(), data()
-    stats, real = [], mod._search_linear
-    monkeypatch.setattr(mod, "_search_linear", lambda *a: stats.append(real(*a)) or stats[-1])
-    quantize_model(model, QuantSpec(4, 4), method="ptq4vit", calib=batches, progress=False, config=FAST)
+    stats, real = [], ptq4vit_mod._search_linear
+    monkeypatch.setattr(ptq4vit_mod, "_search_linear", lambda *a: stats.append(real(*a)) or stats[-1])
+    quantize_model(model, QuantConfig(4, 4), method="ptq4vit", calib=batches, progress=False, config=FAST)
     lins = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     assert len(stats) == len(lins)  # every Linear searched once
     for s in stats:  # Hessian distance of every layer: never above its initial scales' distance
@@ -161,20 +160,18 @@ def test_ptq4vit_is_deterministic():
     outs = []
     for _ in range(2):
         model = make()
-        quantize_model(model, QuantSpec(4, 4), method="ptq4vit", calib=data(), config=FAST, progress=False)
+        quantize_model(model, QuantConfig(4, 4), method="ptq4vit", calib=data(), config=FAST, progress=False)
         outs.append(logits(model, data()[0]))
     torch.testing.assert_close(outs[0], outs[1], atol=0, rtol=0)
 
 
 def test_ptq4vit_uses_num_samples_and_sub_batches(monkeypatch):
-    import s2d.quant.ptq4vit as mod
-
     seen = []
-    real = mod._search_block
-    monkeypatch.setattr(mod, "_search_block", lambda m, gr, inf, blk, batches, *a: seen.append(
+    real = ptq4vit_mod._search_block
+    monkeypatch.setattr(ptq4vit_mod, "_search_block", lambda m, gr, inf, blk, batches, *a: seen.append(
         [b["input_ids"].shape[0] for b in batches]) or real(m, gr, inf, blk, batches, *a))
     model, batches = MODELS["bert"][0](), MODELS["bert"][1](n=2, b=8)
-    quantize_model(model, QuantSpec(4, 4), method="ptq4vit", calib=batches, progress=False,
+    quantize_model(model, QuantConfig(4, 4), method="ptq4vit", calib=batches, progress=False,
                    config=PTQ4ViTConfig(num_samples=10, sub_batch=4, n_candidates=4, rounds=1))
     assert seen and all(s == [4, 4, 2] for s in seen)
 
@@ -191,18 +188,18 @@ def _tiny_llama():
 def test_unsupported_structure_raises(method):
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
     with pytest.raises(ValueError, match="no transformer blocks recognised"):
-        quantize_model(model, QuantSpec(4, 4), method=method, calib=[{"input": torch.randn(4, 4)}], progress=False)
+        quantize_model(model, QuantConfig(4, 4), method=method, calib=[{"input": torch.randn(4, 4)}], progress=False)
     with pytest.raises(ValueError, match=f"{method}: calib"):
-        quantize_model(MODELS["vit"][0](), QuantSpec(4, 4), method=method, calib=None, progress=False)
+        quantize_model(MODELS["vit"][0](), QuantConfig(4, 4), method=method, calib=None, progress=False)
 
 
 def test_ptq4vit_rejects_gated_mlp_for_twin_gelu():
     model = _tiny_llama()
     batch = [{"input_ids": torch.randint(1, 100, (2, 6))}]
     with pytest.raises(ValueError, match="gated MLP"):
-        quantize_model(copy.deepcopy(model), QuantSpec(4, 4), method="ptq4vit", calib=batch, progress=False)
+        quantize_model(copy.deepcopy(model), QuantConfig(4, 4), method="ptq4vit", calib=batch, progress=False)
     # without the post-GELU assumption the same model is accepted
-    quantize_model(model, QuantSpec(4, 4), method="ptq4vit", calib=batch, progress=False,
+    quantize_model(model, QuantConfig(4, 4), method="ptq4vit", calib=batch, progress=False,
                    config=PTQ4ViTConfig(twin_gelu=False, n_candidates=2, rounds=1))
 
 
@@ -275,7 +272,7 @@ def test_w4a4_methods_vs_rtn_on_minilm():
     fast_ptq4vit = PTQ4ViTConfig(n_candidates=10, rounds=2)  # keeps this test near 2 minutes on 2 CPU cores
     for method, cfg in (("rtn", None), ("repq", None), ("erq", None), ("ptq4vit", fast_ptq4vit)):
         m = copy.deepcopy(model)
-        quantize_model(m, QuantSpec(4, 4), method=method, calib=calib, config=cfg, progress=False)
+        quantize_model(m, QuantConfig(4, 4), method=method, calib=calib, config=cfg, progress=False)
         out = predict(m)
         acc[method] = float((out.argmax(-1) == y_val).float().mean())
         kl[method] = float(_kl(out, ref)) / len(y_val)

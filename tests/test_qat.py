@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from s2d import S2DConfig, SelectiveSpectralDecay
-from s2d.quant.apply import QuantLinear, QuantSpec, quantizers, set_quantization
-from s2d.quant.qat import EMAQuantizer, QATConfig, convert_qat, prepare_qat
+from s2d.quant import QATConfig, QuantConfig, QuantLinear, convert_qat, named_quantizers, prepare_qat, set_quantization
+from s2d.quant.qat import EMAQuantizer
 from s2d.quant.quantizers import UniformQuantizer
 
 
@@ -48,7 +48,7 @@ def test_qat_w4a4_lowers_fake_quant_loss(act_range):
     x, y = _data()
     model = _pretrained_mlp(x, y)
     calib = [{"x": x[:64]}]
-    qmodel = prepare_qat(copy.deepcopy(model), QuantSpec(w_bits=4, a_bits=4), calib=calib,
+    qmodel = prepare_qat(copy.deepcopy(model), QuantConfig(w_bits=4, a_bits=4), calib=calib,
                          config=QATConfig(act_range=act_range, momentum=0.1), progress=False)
     with torch.no_grad():
         before = qmodel.eval()(x, y).loss.item()
@@ -68,14 +68,14 @@ def test_qat_w4a4_lowers_fake_quant_loss(act_range):
     final(x)
     h.remove()
     assert seen["x"].unique().numel() <= 16
-    assert all(isinstance(q, UniformQuantizer) and not q.dynamic for q in quantizers(final).values())
+    assert all(isinstance(q, UniformQuantizer) and not q.dynamic for q in named_quantizers(final).values())
 
 
 def test_ste_gradients_reach_weights_and_match_autograd_of_dequantized_weights():
     torch.manual_seed(0)
     lin = nn.Linear(8, 4)
     model = nn.Sequential(lin)
-    prepare_qat(model, QuantSpec(w_bits=4, a_bits=8), calib=[{"input": torch.randn(32, 8)}], progress=False)
+    prepare_qat(model, QuantConfig(w_bits=4, a_bits=8), calib=[{"input": torch.randn(32, 8)}], progress=False)
     assert isinstance(model[0], QuantLinear)
     x = torch.randn(5, 8)
     model.eval()  # frozen ranges, so both passes below see the same quantizers
@@ -102,7 +102,7 @@ def test_ema_range_follows_batches():
 
 def test_s2d_hooks_work_with_qat():
     x, y = _data()
-    model = prepare_qat(_pretrained_mlp(x, y), QuantSpec(w_bits=4, a_bits=4), calib=[{"x": x[:64]}],
+    model = prepare_qat(_pretrained_mlp(x, y), QuantConfig(w_bits=4, a_bits=4), calib=[{"x": x[:64]}],
                         progress=False)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     dec = SelectiveSpectralDecay(model, opt, S2DConfig(strength=1e-2, interval=5, k_max=2, selection="all"))
@@ -126,11 +126,11 @@ def test_config_validation(field, value):
 
 def test_lsq_requires_calib():
     with pytest.raises(ValueError, match="lsq"):
-        prepare_qat(nn.Sequential(nn.Linear(4, 4)), QuantSpec(4, 4), config=QATConfig(act_range="lsq"))
+        prepare_qat(nn.Sequential(nn.Linear(4, 4)), QuantConfig(4, 4), config=QATConfig(act_range="lsq"))
 
 
 def _qat_run(base, x, y, s2d_config=None, steps=12):
-    model = prepare_qat(copy.deepcopy(base), QuantSpec(w_bits=4, a_bits=4), calib=[{"x": x[:64]}], progress=False)
+    model = prepare_qat(copy.deepcopy(base), QuantConfig(w_bits=4, a_bits=4), calib=[{"x": x[:64]}], progress=False)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     dec = SelectiveSpectralDecay(model, opt, s2d_config) if s2d_config is not None else None
     torch.manual_seed(0)
@@ -157,7 +157,7 @@ def test_qat_plus_s2d_targets_quant_linears_and_changes_their_weights():
 @pytest.mark.parametrize("act_range", ["ema", "lsq"])
 def test_convert_equals_quantized_forward_of_trained_model(act_range):
     x, y = _data()
-    model = prepare_qat(_pretrained_mlp(x, y), QuantSpec(w_bits=4, a_bits=4), calib=[{"x": x[:64]}],
+    model = prepare_qat(_pretrained_mlp(x, y), QuantConfig(w_bits=4, a_bits=4), calib=[{"x": x[:64]}],
                         config=QATConfig(act_range=act_range, momentum=0.1), progress=False)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     for _ in range(5):

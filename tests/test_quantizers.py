@@ -1,12 +1,17 @@
 """Quantizers vs independent computations: hand-computed affine formulas, torch's own fake-quant ops,
-closed-form log-sqrt2 / twin-uniform grids, autograd for the STE, and spec validation."""
+closed-form log-sqrt2 / twin-uniform grids, autograd for the STE, a brute-force MSE clipping search,
+and config / bit-setting validation."""
 import math
+import re
 
 import pytest
 import torch
 
-from s2d.quant import (LogSqrt2Quantizer, QuantSpec, TwinUniformQuantizer, UniformQuantizer,
-                       quantize_dequantize, round_ste)
+from s2d.quant import Bits, QuantConfig, QuantSpec
+from s2d.quant.nonuniform import LogSqrt2Quantizer, TwinUniformQuantizer
+from s2d.quant.primitives import (best_clipping, check_bits, fake_quant, int_range, kth, quantize_dequantize,
+                                  round_ste, scale_zero_point)
+from s2d.quant.quantizers import UniformQuantizer
 
 
 def _calibrated(q, *xs):
@@ -244,9 +249,9 @@ def test_bad_quantizer_args_raise(kwargs, field):
     ({"a_granularity": "block"}, "a_granularity"), ({"a_range": "entropy"}, "a_range"),
     ({"skip": "classifier"}, "skip"),
 ])
-def test_bad_spec_raises(kwargs, field):
-    with pytest.raises(ValueError, match=rf"QuantSpec\.{field} must"):
-        QuantSpec(**kwargs)
+def test_bad_config_raises(kwargs, field):
+    with pytest.raises(ValueError, match=rf"QuantConfig\.{field} must"):
+        QuantConfig(**kwargs)
 
 
 def test_other_quantizers_validate():
@@ -307,3 +312,125 @@ def test_fast_codes_declines_when_hooks_or_grad_need_the_module():
     assert q.fast_codes(x) is not None
     assert q.fast_codes(x.clone().requires_grad_(True)) is None
     assert _calibrated(UniformQuantizer(4, granularity="channel", axis=0), x[None]).fast_codes(x[None]) is None
+
+
+# ----------------------------------------------------------------------------- MSE clipping search
+
+def _brute_force_clipping(rows, candidates, bits, symmetric):
+    """Row by row, candidate by candidate: the first candidate with the smallest quantization MSE."""
+    qmin, qmax = int_range(bits, symmetric)
+    lo, hi = [], []
+    for r in range(rows.shape[0]):
+        best = None
+        for c_lo, c_hi in candidates:
+            s, z = scale_zero_point(c_lo[r], c_hi[r], bits, symmetric)
+            err = float((fake_quant(rows[r], s, z, qmin, qmax) - rows[r]).pow(2).mean())
+            if best is None or err < best[0]:
+                best = (err, float(c_lo[r]), float(c_hi[r]))
+        lo.append(best[1])
+        hi.append(best[2])
+    return torch.tensor(lo, dtype=rows.dtype), torch.tensor(hi, dtype=rows.dtype)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("bits", [3, 4, 8])
+def test_best_clipping_matches_brute_force(symmetric, bits):
+    g = torch.Generator().manual_seed(bits)
+    rows = torch.randn(6, 400, generator=g, dtype=torch.float64) * torch.linspace(0.5, 4, 6, dtype=torch.float64)[:, None]
+    rows[0, :3] = 40.0  # outliers: clipping pays off on this row
+    rows[3, -2:] = -25.0
+    lo, hi = rows.amin(1), rows.amax(1)
+    cands = [(lo * a, hi * a) for a in (1.0, 0.8, 0.6, 0.4, 0.2)]
+    cands += [(kth(rows, 1 - p), kth(rows, p)) for p in (0.99, 0.999)]
+    got_lo, got_hi = best_clipping(rows, cands, bits, symmetric)
+    ref_lo, ref_hi = _brute_force_clipping(rows, cands, bits, symmetric)
+    torch.testing.assert_close(got_lo, ref_lo, rtol=0, atol=0)
+    torch.testing.assert_close(got_hi, ref_hi, rtol=0, atol=0)
+    if bits <= 4:
+        assert not torch.equal(got_hi, hi)  # some row really clips
+
+
+def test_best_clipping_first_candidate_wins_ties():
+    rows = torch.tensor([[-1.0, 0.5, 2.0], [0.1, 0.2, 0.3]])
+    # symmetric scale depends on max(|lo|, |hi|) only: both candidates quantize identically (equal errors)
+    first = (torch.tensor([-1.0, -0.1]), torch.tensor([2.0, 0.3]))
+    second = (torch.tensor([-2.0, -0.3]), torch.tensor([2.0, 0.3]))
+    lo, hi = best_clipping(rows, [first, second], 4, True)
+    torch.testing.assert_close(lo, first[0])
+    lo, hi = best_clipping(rows, [second, first], 4, True)
+    torch.testing.assert_close(lo, second[0])
+    with pytest.raises(ValueError, match="candidates"):
+        best_clipping(rows, [], 4, True)
+
+
+def test_mse_range_method_is_best_clipping_over_its_candidates():
+    x = torch.randn(4, 3000)
+    x[:, :4] *= 30
+    q = _calibrated(UniformQuantizer(4, symmetric=False, granularity="channel", axis=0, range_method="mse"), x)
+    lo, hi = x.amin(1), x.amax(1)
+    cands = [(lo * a, hi * a) for a in torch.linspace(1.0, 0.3, 15).tolist()]
+    cands += [(kth(x, 1 - p), kth(x, p)) for p in (0.99, 0.999, 0.9999, 0.99999)]
+    ref_lo, ref_hi = _brute_force_clipping(x, cands, 4, False)
+    torch.testing.assert_close(q.lo, ref_lo, rtol=0, atol=0)
+    torch.testing.assert_close(q.hi, ref_hi, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- bit settings, config
+
+@pytest.mark.parametrize("text, bits", [("W4A4", (4, 4)), ("w8a6", (8, 6)), (" W16A2 ", (16, 2)), ("W03A4", (3, 4))])
+def test_bits_parse_valid(text, bits):
+    b = Bits.parse(text)
+    assert b == bits and (b.w, b.a) == bits and isinstance(b, Bits)
+    assert b.name == str(b) == f"W{bits[0]}A{bits[1]}"
+    assert Bits.parse(b.name) == b
+
+
+@pytest.mark.parametrize("text, message", [
+    ("4/4", r"quant\.bits must look like 'W4A4', got '4/4'"),
+    ("W4", r"quant\.bits must look like 'W4A4', got 'W4'"),
+    ("A4W4", r"quant\.bits must look like 'W4A4'"),
+    (44, r"quant\.bits must look like 'W4A4', got 44"),
+    ("W1A4", r"quant\.bits: bit widths must be in \[2, 16\], got 'W1A4'"),
+    ("W4A17", r"quant\.bits: bit widths must be in \[2, 16\], got 'W4A17'"),
+])
+def test_bits_parse_invalid(text, message):
+    with pytest.raises(ValueError, match=message):
+        Bits.parse(text, "quant.bits")
+
+
+def test_bits_parse_default_field_name():
+    with pytest.raises(ValueError, match=r"^bit setting must look like 'W4A4'"):
+        Bits.parse("x")
+
+
+def test_config_bits_name_and_alias():
+    c = QuantConfig(w_bits=3, a_bits=6)
+    assert c.bits == Bits(3, 6) and c.name == "W3A6"
+    assert QuantSpec is QuantConfig and QuantSpec(4, 4) == QuantConfig(4, 4)
+
+
+@pytest.mark.parametrize("bits", [1, 17, 4.0, True, "4", None])
+def test_check_bits_rejects(bits):
+    with pytest.raises(ValueError, match=rf"^Owner\.bits must be an int in \[2, 16\], got {re.escape(repr(bits))}$"):
+        check_bits("Owner.bits", bits)
+    check_bits("Owner.bits", 2)
+    check_bits("Owner.bits", 16)
+
+
+def test_token_mask_limits_observation_to_real_tokens():
+    x = torch.randn(2, 5, 3)
+    x[1, 3:] = 100.0  # padded positions hold junk
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[1, 3:] = False
+    q = UniformQuantizer(8)
+    q.token_dims, q.token_mask = (0, 1), mask
+    q = _calibrated(q, x)
+    assert float(q.hi) == pytest.approx(float(x[mask].max()))
+    q2 = UniformQuantizer(8)  # no mask: padding counts
+    assert float(_calibrated(q2, x).hi) == 100.0
+    # attention layout (B, H, T, D) with token dim 2
+    xa = torch.randn(2, 4, 5, 3)
+    xa[1, :, 3:] = -50.0
+    qa = UniformQuantizer(8)
+    qa.token_dims, qa.token_mask = (0, 2), mask
+    assert float(_calibrated(qa, xa).lo) == pytest.approx(float(xa.movedim(2, 1)[mask].min()))

@@ -12,7 +12,7 @@ import re
 
 import pytest
 
-from s2d import report
+from s2d.pipeline import report, tables
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -29,7 +29,7 @@ def arm(kind, fp, qat_bits=None, qat_acc=None, pcdr=(0.9, 0.5), max_abs=(12.0, 3
                 "sample": [-m, -1.0, 0.0, 0.5, 1.0, m]} for n, m in zip(layers, max_abs)}
     history = [{"step": s, "worst_max_abs": max(max_abs) * (1 + s / 10), "val_accuracy": None} for s in (0, 2, 4)]
     return {"name": kind if qat_bits is None else f"{kind}@{qat_bits}", "kind": kind, "optimizer": "adamw",
-            "s2d": None if "s2d" not in kind else {"strength": 5e-4, "power": 2.0, "tau": 0.95, "k_max": 3,
+            "s2d_config": None if "s2d" not in kind else {"strength": 5e-4, "power": 2.0, "tau": 0.95, "k_max": 3,
                                                    "interval": 2, "selection": "pcdr", "update": "coupled"},
             "qat_bits": qat_bits, "fp_accuracy": fp, "qat_accuracy": qat_acc,
             "train": {"wall_s": 1.0, "final_loss": 0.5, "probe_history": history}, "probes": probes,
@@ -60,7 +60,7 @@ def parse_table(md: str) -> list[list[str]]:
 
 
 def test_accuracy_table_cells(res):
-    table = parse_table(report.format_accuracy_table(res))
+    table = parse_table(tables.format_accuracy_table(res))
     assert table[0] == ["bits", "method", "adamw", "adamw+s2d", "qat", "qat+s2d"]
     expected = [
         ["FP", "-", "80.00", "81.00 (+1.00)", "-", "-"],
@@ -73,28 +73,28 @@ def test_accuracy_table_cells(res):
 
 
 def test_accuracy_rows_deltas(res):
-    rows = report.accuracy_rows(res)
+    rows = tables.accuracy_rows(res)
     by = {(r["bits"], r["method"]): r for r in rows}
     assert by[("W4A4", "rtn")]["deltas"]["adamw+s2d"] == pytest.approx((0.62 - 0.50) * 100)
     assert by[("W4A4", "QAT")]["baseline"] == "qat" and by[("W4A4", "QAT")]["deltas"]["qat+s2d"] == pytest.approx(6.0)
-    assert report.accuracy_rows(res, baseline="none")[0]["deltas"] == {}      # no baseline -> no deltas
+    assert tables.accuracy_rows(res, baseline="none")[0]["deltas"] == {}      # no baseline -> no deltas
 
 
 def test_layer_table(res):
-    rows = report.layer_rows(res, ["adamw", "adamw+s2d"])
+    rows = tables.layer_rows(res, ["adamw", "adamw+s2d"])
     assert [r["layer"] for r in rows] == ["bert.encoder.layer.0.intermediate.dense",
                                           "bert.encoder.layer.0.output.dense"]    # FFN only, no query
     assert rows[0]["adamw+s2d"] == {"pcdr1": 0.6, "max_abs": 6.0, "sigma_max": 2.0}
-    md = report.format_layer_table(res, ["adamw", "adamw+s2d"])
-    tables = md.split("**")[1::2]
-    assert tables == ["PCDR_1", "max |a|", "σ_max"]
+    md = tables.format_layer_table(res, ["adamw", "adamw+s2d"])
+    titles = md.split("**")[1::2]
+    assert titles == ["PCDR_1", "max |a|", "σ_max"]
     parsed = parse_table(md)
     assert ["L0.fc1", "0.900", "0.600"] in parsed and ["L0.fc2", "30.0", "10.0"] in parsed
     assert ["L0.fc2", "4.00", "2.50"] in parsed
 
 
 def test_qat_table(res):
-    assert parse_table(report.format_qat_table(res)) == [["bits", "qat", "qat+s2d", "delta"],
+    assert parse_table(tables.format_qat_table(res)) == [["bits", "qat", "qat+s2d", "delta"],
                                                          ["W4A4", "60.00", "66.00", "+6.00"]]
 
 
@@ -106,8 +106,8 @@ def test_write_report(res, tmp_path):
         assert data[:8] == PNG_MAGIC and len(data) > 5000, key
         assert out["figures"][key] == f"figures/{key}.png"
     md = (tmp_path / "report.md").read_text()
-    assert report.format_accuracy_table(res) in md
-    assert report.format_layer_table(res) in md and report.format_qat_table(res) in md
+    assert tables.format_accuracy_table(res) in md
+    assert tables.format_layer_table(res) in md and tables.format_qat_table(res) in md
     for key in out["figures"]:
         assert f"]({out['figures'][key]})" in md
     assert "S2D interval scaled 100 -> 2" in md and "torch x" in md
@@ -121,20 +121,20 @@ def test_write_report_without_qat_or_cells(res, tmp_path):
     res["cells"] = []
     out = report.write_report(res, tmp_path)
     assert "qat" not in out["figures"] and (tmp_path / "figures" / "accuracy_vs_bits.png").stat().st_size > 0
-    assert parse_table(report.format_accuracy_table(res))[1:] == [["FP", "-", "80.00", "81.00 (+1.00)"]]
+    assert parse_table(tables.format_accuracy_table(res))[1:] == [["FP", "-", "80.00", "81.00 (+1.00)"]]
 
 
 def test_terminal_summary_ends_with_main_table(res):
     text = report.terminal_summary(res, "runs/x")
     assert text.startswith("report: runs/x/report.md")
-    assert text.endswith(report.format_accuracy_table(res))
+    assert text.endswith(tables.format_accuracy_table(res))
     assert "note: S2D interval scaled" in text
 
 
 def test_inspect_table():
     layers = arm("adamw", 0.5)["probes"]
     layers[2]["role"] = "q"
-    table = parse_table(report.format_inspect_table(layers))
+    table = parse_table(tables.format_inspect_table(layers))
     assert table[0] == ["layer", "role", "shape", "σ_max", "PCDR_1", "PCDR_2", "PCDR_3", "k_target", "max |a|",
                         "kurtosis"]
     assert table[1] == ["bert.encoder.layer.0.intermediate.dense", "fc1", "64x32", "3.00", "0.900", "0.950",

@@ -6,10 +6,12 @@ import torch
 from torch import nn
 
 from ptq_models import MODELS, logits
-from s2d.quant._ptq_common import quantile_mse_range
-from s2d.quant.apply import QuantLinear, QuantSpec, quantize_model, set_quantization
-from s2d.quant.quantizers import LogSqrt2Quantizer, UniformQuantizer, fake_quant, scale_zero_point
-from s2d.quant.repq import RepQConfig, input_quantizer
+from s2d.quant import QuantConfig, QuantLinear, RepQConfig, quantize_model, set_quantization
+from s2d.quant.nonuniform import LogSqrt2Quantizer
+from s2d.quant.primitives import fake_quant, scale_zero_point
+from s2d.quant.ptq.common import quantile_mse_range
+from s2d.quant.ptq.repq import input_quantizer
+from s2d.quant.quantizers import UniformQuantizer
 from s2d.quant.reparam import ChannelAffineInput, channel_affine_from_ranges, fold_into_linear, fold_into_norm
 
 
@@ -100,7 +102,7 @@ def test_repq_reparam_leaves_float_model_unchanged(arch):
     make, data = MODELS[arch]
     model, batches = make(), data()
     ref = logits(model, batches[0])
-    quantize_model(model, QuantSpec(w_bits=4, a_bits=4), method="repq", calib=batches, progress=False)
+    quantize_model(model, QuantConfig(w_bits=4, a_bits=4), method="repq", calib=batches, progress=False)
     set_quantization(model, False)
     torch.testing.assert_close(logits(model, batches[0]), ref, atol=1e-5, rtol=1e-5)
     set_quantization(model, True)
@@ -118,7 +120,7 @@ def test_repq_reparam_leaves_float_model_unchanged(arch):
 
 def test_repq_uses_log_sqrt2_for_softmax_with_its_formula():
     model, batches = MODELS["vit"][0](), MODELS["vit"][1]()
-    quantize_model(model, QuantSpec(w_bits=4, a_bits=4), method="repq", calib=batches, progress=False)
+    quantize_model(model, QuantConfig(w_bits=4, a_bits=4), method="repq", calib=batches, progress=False)
     attn = model.vit.layers[0].attention.s2d_attn_quant
     assert isinstance(attn.probs, LogSqrt2Quantizer) and attn.probs.bits == 4
     probs = torch.softmax(torch.randn(2, 2, 17, 17) * 3, -1)
@@ -133,7 +135,7 @@ def test_repq_is_deterministic():
     outs = []
     for _ in range(2):
         model = make()
-        quantize_model(model, QuantSpec(4, 4), method="repq", calib=data(), config=RepQConfig(max_tokens=32),
+        quantize_model(model, QuantConfig(4, 4), method="repq", calib=data(), config=RepQConfig(max_tokens=32),
                        progress=False)
         outs.append(logits(model, data()[0]))
     torch.testing.assert_close(outs[0], outs[1], atol=0, rtol=0)
@@ -142,7 +144,7 @@ def test_repq_is_deterministic():
 def test_repq_rejects_models_without_blocks():
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
     with pytest.raises(ValueError, match="no transformer blocks"):
-        quantize_model(model, QuantSpec(4, 4), method="repq", calib=[{"input": torch.randn(4, 4)}], progress=False)
+        quantize_model(model, QuantConfig(4, 4), method="repq", calib=[{"input": torch.randn(4, 4)}], progress=False)
 
 
 @pytest.mark.parametrize("kwargs,field", [({"quantiles": ()}, "quantiles"), ({"quantiles": (0.3,)}, "quantiles"),
@@ -173,3 +175,21 @@ def test_reparam_beats_plain_per_tensor_quantization_on_outlier_channels():
     q_rep.set_range(torch.tensor([aff.lo]), torch.tensor([aff.hi]))
     err_rep = float((lin(q_rep(norm(x))) - ref).pow(2).mean())
     assert err_rep < 0.5 * err_plain, (err_rep, err_plain)
+
+
+@pytest.mark.parametrize("arch", sorted(MODELS))
+def test_dispatch_by_config_type_equals_dispatch_by_name(arch):
+    """``method=RepQConfig(...)`` selects RepQ through the config's type: the same quantized model as
+    ``method="repq", config=RepQConfig(...)`` (logits and every tensor of the state dict)."""
+    make, data = MODELS[arch]
+    cfg = RepQConfig(max_tokens=64, quantiles=(1.0, 0.999))
+    by_name, by_type = make(), make()
+    quantize_model(by_name, QuantConfig(4, 4), method="repq", calib=data(), config=cfg, progress=False)
+    quantize_model(by_type, QuantConfig(4, 4), method=cfg, calib=data(), progress=False)
+    torch.testing.assert_close(logits(by_type, data()[0]), logits(by_name, data()[0]), rtol=0, atol=0)
+    a, b = by_name.state_dict(), by_type.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # and the config really was used: the default RepQConfig gives a different model
+    default = make()
+    quantize_model(default, QuantConfig(4, 4), method="repq", calib=data(), progress=False)
+    assert not torch.equal(logits(default, data()[0]), logits(by_type, data()[0]))

@@ -6,7 +6,9 @@ import pytest
 import torch
 import transformers as tf
 
-from s2d.quant import METHODS, QuantLinear, QuantSpec, list_quantizers, quantize_model, quantizers
+from s2d.quant import (QuantConfig, QuantLinear, RTNConfig, available_methods, list_quantizers, named_quantizers,
+                       prepare_model, quantize_model)
+from s2d.quant.ptq.rtn import rtn
 
 SETTINGS = [(8, 8), (6, 6), (5, 5), (4, 4), (3, 4), (2, 8)]
 
@@ -29,7 +31,7 @@ def _batches(n=3):
 
 
 def test_rtn_is_registered():
-    assert "rtn" in METHODS
+    assert "rtn" in available_methods()
 
 
 @pytest.mark.parametrize("w_bits, a_bits", SETTINGS)
@@ -59,13 +61,10 @@ def test_rtn_ranges_match_closed_form_and_observed_minmax(w_bits, a_bits):
             if isinstance(mod, QuantLinear):
                 mod.register_forward_pre_hook(hook(n))
 
-    from s2d.quant import prepare_model
-    from s2d.quant.rtn import rtn
-
-    spec = QuantSpec(w_bits=w_bits, a_bits=a_bits)
+    spec = QuantConfig(w_bits=w_bits, a_bits=a_bits)
     prepare_model(model, spec)
     attach(model)
-    rtn(model, spec, tracked(calib), None, False)
+    rtn(model, spec, tracked(calib), RTNConfig(), False)
     rows = {r["name"]: r for r in list_quantizers(model)}
     n_lin = 0
     for name, mod in model.named_modules():
@@ -92,7 +91,7 @@ def test_rtn_output_error_decreases_with_bits():
         ref = model(**batch).logits
     err = {}
     for w, a in SETTINGS[:5]:
-        q = quantize_model(copy.deepcopy(model), QuantSpec(w_bits=w, a_bits=a), "rtn", calib, progress=False)
+        q = quantize_model(copy.deepcopy(model), QuantConfig(w_bits=w, a_bits=a), "rtn", calib, progress=False)
         with torch.no_grad():
             err[(w, a)] = float((q(**batch).logits - ref).norm() / ref.norm())
     assert err[(8, 8)] < err[(6, 6)] < err[(4, 4)] and err[(8, 8)] < 0.02
@@ -125,8 +124,8 @@ def test_real_minilm_w8a8_close_w4a4_worse():
     with torch.no_grad():
         ref = model.bert(**evalb).pooler_output, model(**evalb).logits
     res = {}
-    for name, spec in {"w8a8": QuantSpec(8, 8), "w8a8-pct": QuantSpec(8, 8, a_range="percentile"),
-                       "w4a4": QuantSpec(4, 4)}.items():
+    for name, spec in {"w8a8": QuantConfig(8, 8), "w8a8-pct": QuantConfig(8, 8, a_range="percentile"),
+                       "w4a4": QuantConfig(4, 4)}.items():
         q = quantize_model(copy.deepcopy(model), spec, "rtn", calib, progress=False)
         with torch.no_grad():
             res[name] = _cos(q(**evalb).logits, ref[1]), _cos(q.bert(**evalb).pooler_output, ref[0])
@@ -143,16 +142,16 @@ def test_padding_does_not_change_calibrated_ranges():
     """Calibrating on a padded batch gives exactly the ranges of calibrating on its unpadded rows one by one."""
     model, batch = _tiny_bert(), _batches(1)[0]
     batch["input_ids"][0, 6:] = 0  # the padded row's pad ids (id 0 = [PAD])
-    padded = quantize_model(copy.deepcopy(model), QuantSpec(), "rtn", [batch], progress=False)
+    padded = quantize_model(copy.deepcopy(model), QuantConfig(), "rtn", [batch], progress=False)
     rows = [{k: v[i:i + 1, :int(batch["attention_mask"][i].sum())] for k, v in batch.items() if k != "labels"}
             for i in range(4)]
-    single = quantize_model(copy.deepcopy(model), QuantSpec(), "rtn", rows, progress=False)
-    a, b = quantizers(padded), quantizers(single)
+    single = quantize_model(copy.deepcopy(model), QuantConfig(), "rtn", rows, progress=False)
+    a, b = named_quantizers(padded), named_quantizers(single)
     assert a.keys() == b.keys()
     for name in a:  # the effective grid (ranges are widened to include 0, e.g. masked-out probabilities)
         torch.testing.assert_close(a[name].scale, b[name].scale, rtol=1e-5, atol=1e-7, msg=name)
         torch.testing.assert_close(a[name].zero_point, b[name].zero_point, msg=name)
     # control: treating the pad tokens as real tokens does change some ranges
     unmasked = dict(batch, attention_mask=torch.ones_like(batch["attention_mask"]))
-    c = quantizers(quantize_model(copy.deepcopy(model), QuantSpec(), "rtn", [unmasked], progress=False))
+    c = named_quantizers(quantize_model(copy.deepcopy(model), QuantConfig(), "rtn", [unmasked], progress=False))
     assert any(not torch.allclose(a[n].scale, c[n].scale) for n in a)

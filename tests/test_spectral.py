@@ -102,10 +102,10 @@ def test_pcdr_curve_matches_brute_force(kind, m, n):
     # float32 spectrum: PCDR_1..3 to 1e-5 (all S2D uses), the tail of the curve to 1e-3
     torch.testing.assert_close(c[:3], ref[:3], rtol=0, atol=1e-5)
     torch.testing.assert_close(c, ref, rtol=0, atol=1e-3)
-    c64 = pcdr_curve(w, x, i, spec=spectrum(w, compute_dtype=torch.float64))
+    c64 = pcdr_curve(w, x, i, spectrum=spectrum(w, compute_dtype=torch.float64))
     torch.testing.assert_close(c64, ref, rtol=0, atol=1e-9)
     # reusing a precomputed spectrum gives the same curve; eq. 1: the terms sum to the activation
-    torch.testing.assert_close(pcdr_curve(w, x, i, spec=spectrum(w)), c)
+    torch.testing.assert_close(pcdr_curve(w, x, i, spectrum=spectrum(w)), c)
     s = spectrum(w, compute_dtype=torch.float64)
     a = (s.S * s.U[i] * (s.V.T @ x.double())).sum()
     torch.testing.assert_close(a, (w.double() @ x.double())[i], rtol=1e-10, atol=1e-10)

@@ -14,8 +14,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from s2d.train import (TrainConfig, build_optimizers, evaluate, ffn_modules, finetune, lr_lambda,
-                       probe_max_abs)
+from s2d.models import ffn_modules
+from s2d.train import TrainConfig, evaluate, finetune
+from s2d.train.evaluate import probe_max_abs
+from s2d.train.optim import build_optimizers, lr_lambda
 
 
 class TokenTask(Dataset):

@@ -4,7 +4,7 @@ Public API (stable):
 
     from s2d import S2DConfig, SelectiveSpectralDecay, pcdr_curve
 """
-from s2d.decay import LayerStats, S2DConfig, SelectiveSpectralDecay
+from s2d.regularizer import LayerStats, S2DConfig, SelectiveSpectralDecay
 from s2d.spectral import Spectrum, pcdr_curve, select_rank, spectrum, spectra, top_k
 
 __all__ = [

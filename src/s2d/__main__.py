@@ -1,4 +1,4 @@
 """`python -m s2d` runs the command-line tool."""
-from s2d.cli import main
+from s2d.pipeline.cli import main
 
 raise SystemExit(main())

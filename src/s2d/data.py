@@ -15,13 +15,19 @@ import gzip
 import io
 import json
 import logging
+import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
+from transformers import PreTrainedTokenizerBase
+
+from s2d.assets import fetch
+from s2d.models import ModelBundle
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +50,7 @@ class Loaders:
 class _Items(Dataset):
     """Items (texts or uint8 image tensors) with integer labels."""
 
-    def __init__(self, items: Any, labels: torch.Tensor):
+    def __init__(self, items: Sequence[str] | torch.Tensor, labels: torch.Tensor):
         self.items, self.labels = items, labels
 
     def __len__(self) -> int:
@@ -89,7 +95,6 @@ def _read_idx(path: Path, offset: int) -> np.ndarray:
 
 
 def _fashion_mnist() -> tuple[list, list[str]]:
-    from s2d.assets import fetch
     root = fetch("fashion-mnist", progress=False)
     out = {}
     for split, stem in (("train", "train"), ("test", "t10k")):
@@ -103,7 +108,6 @@ def _fashion_mnist() -> tuple[list, list[str]]:
 
 
 def _rotten_tomatoes() -> tuple[list[str], np.ndarray, list[str]]:
-    from s2d.assets import fetch
     path = fetch("rotten-tomatoes", progress=False) / "rotten_tomatoes_corpus_full.csv.bz2"
     with io.TextIOWrapper(bz2.open(path), encoding="utf-8") as f:
         rows = [r for r in csv.DictReader(f) if r["category"] != "plot"]
@@ -111,9 +115,18 @@ def _rotten_tomatoes() -> tuple[list[str], np.ndarray, list[str]]:
     return [r["text"] for r in rows], np.array([names.index(r["category"]) for r in rows]), names
 
 
+def _require_classes(labels: np.ndarray, path: Path, what: str) -> None:
+    """ValueError naming the file unless ``labels`` hold at least two distinct classes."""
+    present = np.unique(labels)
+    if len(present) < 2:
+        raise ValueError(f"{path}: {what} holds {len(present)} distinct class(es) "
+                         f"({', '.join(map(str, present[:3]))}); classification needs at least 2")
+
+
 def _labels_from_values(values: list, path: Path, column: str) -> tuple[np.ndarray, list[str]]:
     if any(v is None or str(v).strip() == "" for v in values):
         raise ValueError(f"{path}: empty value in label column {column!r}")
+    _require_classes(np.array([str(v) for v in values]), path, f"label column {column!r}")
     try:
         ints = np.array([int(str(v)) for v in values])
     except ValueError:
@@ -124,21 +137,33 @@ def _labels_from_values(values: list, path: Path, column: str) -> tuple[np.ndarr
     return ints, [str(i) for i in range(ints.max() + 1)]
 
 
-def _read_table(path: Path, fmt: str, text_column: str, label_column: str):
-    if fmt == "csv":
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            rows, columns = list(reader), reader.fieldnames or []
-    else:
+def _read_rows(path: Path, fmt: str) -> tuple[list[dict], list[str]]:
+    """The rows of a CSV / JSONL file as dicts, and its column names; one-line errors naming the file."""
+    try:
+        if fmt == "csv":
+            with open(path, newline="", encoding="utf-8") as f:
+                reader = csv.DictReader(f)
+                return list(reader), list(reader.fieldnames or [])
         rows = []
         with open(path, encoding="utf-8") as f:
             for i, line in enumerate(f, 1):
                 if line.strip():
                     try:
-                        rows.append(json.loads(line))
+                        row = json.loads(line)
                     except json.JSONDecodeError as err:
                         raise ValueError(f"{path}: line {i} is not valid JSON ({err.msg})") from None
-        columns = sorted({k for r in rows for k in r}) if rows else []
+                    if not isinstance(row, dict):
+                        raise ValueError(f"{path}: line {i} is not a JSON object")
+                    rows.append(row)
+        return rows, sorted({k for r in rows for k in r})
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except csv.Error as err:
+        raise ValueError(f"{path}: malformed CSV ({err})") from None
+
+
+def _read_table(path: Path, fmt: str, text_column: str, label_column: str):
+    rows, columns = _read_rows(path, fmt)
     if not rows:
         raise ValueError(f"{path}: dataset is empty (no rows)")
     for col in (text_column, label_column):
@@ -150,7 +175,6 @@ def _read_table(path: Path, fmt: str, text_column: str, label_column: str):
 
 
 def _read_image_folder(path: Path, size: int) -> tuple[torch.Tensor, np.ndarray, list[str]]:
-    from PIL import Image
     classes = sorted(p.name for p in path.iterdir() if p.is_dir())
     if not classes:
         raise ValueError(f"{path}: image folder needs one sub-folder per class, found none")
@@ -167,15 +191,28 @@ def _read_image_folder(path: Path, size: int) -> tuple[torch.Tensor, np.ndarray,
                 labels.append(c)
     if not images:
         raise ValueError(f"{path}: dataset is empty (no image files in {', '.join(classes)})")
+    _require_classes(np.array(labels), path, "the image folder (one sub-folder per class)")
     return torch.stack(images), np.array(labels), classes
 
 
-def _read_npz(path: Path) -> tuple[torch.Tensor, np.ndarray, list[str]]:
+def _load_npz(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of an .npz archive; one-line errors for a file that is not one, or a damaged one."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head != b"PK\x03\x04":
+        kind = "an .npy array" if head == b"\x93NUM" else "empty" if not head else "not a zip archive"
+        raise ValueError(f"{path}: not an .npz file ({kind}); write one with numpy.savez(path, x=..., y=...)")
     try:
         with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
+            return {k: z[k] for k in z.files}
+    except (zipfile.BadZipFile, EOFError) as err:
+        raise ValueError(f"{path}: truncated or damaged .npz archive ({err})") from None
     except (ValueError, OSError) as err:
-        raise ValueError(f"{path}: not a readable .npz file ({err})") from None
+        raise ValueError(f"{path}: unreadable .npz archive ({err})") from None
+
+
+def _read_npz(path: Path) -> tuple[torch.Tensor, np.ndarray, list[str]]:
+    arrays = _load_npz(path)
     for key in ("x", "y"):
         if key not in arrays:
             raise ValueError(f"{path}: array {key!r} missing (found: {', '.join(arrays) or 'none'})")
@@ -193,6 +230,7 @@ def _read_npz(path: Path) -> tuple[torch.Tensor, np.ndarray, list[str]]:
         raise ValueError(f"{path}: field 'y' must have shape ({len(x)},), got {tuple(y.shape)}")
     if not np.issubdtype(y.dtype, np.integer) or y.min() < 0:
         raise ValueError(f"{path}: field 'y' must hold integer labels >= 0 (dtype {y.dtype}, min {y.min()})")
+    _require_classes(y, path, "field 'y'")
     if np.issubdtype(x.dtype, np.floating):  # floats in [0, 1] -> uint8
         if x.min() < 0 or x.max() > 1:
             raise ValueError(f"{path}: float field 'x' must lie in [0, 1], got [{x.min():.3g}, {x.max():.3g}]")
@@ -205,7 +243,7 @@ def _read_npz(path: Path) -> tuple[torch.Tensor, np.ndarray, list[str]]:
 class ImageCollate:
     """uint8 (B, C, h, w) -> normalised float (B, 3, S, S) ``pixel_values`` + ``labels``."""
 
-    def __init__(self, size: int, mean, std):
+    def __init__(self, size: int, mean: Sequence[float], std: Sequence[float]):
         self.size = size
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
@@ -224,7 +262,7 @@ class ImageCollate:
 class TextCollate:
     """Tokenise a batch with dynamic padding (to the longest item, at most ``max_length``)."""
 
-    def __init__(self, tokenizer, max_length: int):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int):
         self.tokenizer, self.max_length = tokenizer, max_length
 
     def __call__(self, batch) -> dict[str, torch.Tensor]:
@@ -250,8 +288,8 @@ def _detect_format(path: Path, data_format: str | None) -> str:
     return fmt
 
 
-def _load_splits(dataset: str, bundle, fmt_arg, text_column, label_column, size):
-    """-> (modality, [(items, labels)] * 3, label_names)."""
+def _load_splits(dataset: str, fmt_arg: str | None, text_column: str, label_column: str, size: int) -> tuple:
+    """-> (modality, [(items, labels)] * 3 for train/val/test, label_names)."""
     if dataset == "fashion-mnist":
         splits, names = _fashion_mnist()
         return "image", splits, names
@@ -275,11 +313,11 @@ def _load_splits(dataset: str, bundle, fmt_arg, text_column, label_column, size)
     return modality, [(pick(p), labels[p]) for p in parts], names
 
 
-def build_loaders(dataset: str, bundle, *, batch_size: int = 32, eval_batch_size: int = 64,
+def build_loaders(dataset: str, bundle: ModelBundle, *, batch_size: int = 32, eval_batch_size: int = 64,
                   data_format: str | None = None, text_column: str = "text", label_column: str = "label",
                   max_length: int = 128, image_size: int | None = None, seed: int = 0,
                   limit_train: int | None = None, limit_eval: int | None = None) -> Loaders:
-    """Train/val/test loaders for an asset name or a path, preprocessed for ``bundle`` (a ModelBundle).
+    """Train/val/test loaders for an asset name or a path, preprocessed for ``bundle``.
 
     Batches: text {"input_ids", "attention_mask", ("token_type_ids"), "labels"}; images
     {"pixel_values" (B, 3, S, S) float normalised, "labels"}. ``seed`` drives shuffling and the
@@ -289,7 +327,7 @@ def build_loaders(dataset: str, bundle, *, batch_size: int = 32, eval_batch_size
         if v < 1:
             raise ValueError(f"build_loaders: {field} must be >= 1, got {v}")
     size = image_size or bundle.image_size or 224
-    modality, splits, names = _load_splits(dataset, bundle, data_format, text_column, label_column, size)
+    modality, splits, names = _load_splits(dataset, data_format, text_column, label_column, size)
     if modality != bundle.modality:
         raise ValueError(f"dataset {dataset!r} is {modality} data but model {bundle.name!r} is a {bundle.modality} model")
     if bundle.num_labels is not None and len(names) > bundle.num_labels:

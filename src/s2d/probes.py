@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from s2d.decay import ActivationPeak, S2DConfig, compute_refresh, find_peak, reduce_peaks
+from s2d.models import linear_roles
+from s2d.regularizer import ActivationPeak, S2DConfig, compute_refresh
+from s2d.regularizer.refresh import find_peak, reduce_peaks
+from s2d.utils import eval_mode, to_device
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +52,8 @@ class LayerReport:
     """One row of the spectral table: weight spectrum, PCDR of the largest activation, outlier stats.
 
     pcdr: [PCDR_1..PCDR_k_max] of the largest |output| entry; k_target: smallest k <= k_max with
-    PCDR_k >= tau (None = healthy); role: from ``s2d.models.linear_roles`` when available, else "linear".
+    PCDR_k >= tau (None = healthy); role: from :func:`s2d.models.linear_roles` ("linear" for a 2-D-weight
+    module that is not an ``nn.Linear``).
     """
 
     name: str
@@ -152,28 +156,27 @@ def _linear_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
 
 
-def _run(model: nn.Module, batches: Iterable, hooks: dict[str, nn.Module], fn, progress: bool, desc: str) -> None:
+def _run(model: nn.Module, batches: Iterable, hooks: dict[str, nn.Module],
+         make_hook: Callable[[str], Callable], progress: bool, desc: str) -> None:
     """Run batches (dicts -> model(**batch), labels dropped) in eval mode, no grad, with forward hooks."""
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    handles = [m.register_forward_hook(fn(name)) for name, m in hooks.items()]
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
+    handles = [m.register_forward_hook(make_hook(name)) for name, m in hooks.items()]
     try:
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
                 if isinstance(batch, Mapping):
-                    model(**{k: v.to(device) if isinstance(v, Tensor) else v
-                             for k, v in batch.items() if k != "labels"})
+                    model(**to_device(batch, device, drop_labels=True))
                 else:
                     model(batch.to(device))
     finally:
         for h in handles:
             h.remove()
-        for m, mode in modes.items():
-            m.training = mode
 
 
-def _capture(model, batches, modules, where, sample_size, progress, seed, peaks=None):
+def _capture(model: nn.Module, batches: Iterable, modules: Mapping[str, nn.Module] | None, where: str,
+             sample_size: int, progress: bool, seed: int, peaks: dict[str, list[ActivationPeak]] | None = None,
+             ) -> tuple[dict[str, ActivationStats], dict[str, nn.Module]]:
+    """Statistics of ``modules``' outputs (or inputs); ``peaks`` also collects their activation peaks."""
     if where not in ("output", "input"):
         raise ValueError(f"capture_activations: where must be 'output' or 'input', got {where!r}")
     if sample_size < 0:
@@ -219,23 +222,11 @@ def capture_activations(model: nn.Module, batches: Iterable[dict], modules: Mapp
     return stats
 
 
-def _roles(model: nn.Module) -> dict[str, str]:
-    try:
-        from s2d.models import linear_roles
-    except ImportError:
-        return {}
-    try:
-        return dict(linear_roles(model))
-    except Exception as err:  # an adapter that does not know this model: fall back to "linear"
-        logger.debug("linear_roles failed (%s); roles default to 'linear'", err)
-        return {}
-
-
 def spectral_table(model: nn.Module, batches: Iterable[dict], modules: Mapping[str, nn.Module] | None = None,
                    k_max: int = 3, tau: float = 0.95, progress: bool = True) -> list[LayerReport]:
     """Per 2-D-weight module: σ_max, PCDR_1..k_max of its largest |output| entry, k_target, outlier stats.
 
-    PCDR and k_target come from :func:`s2d.decay.compute_refresh` (the S2D refresh code) on the largest
+    PCDR and k_target come from :func:`s2d.regularizer.refresh.compute_refresh` (the S2D refresh code) on the largest
     |output| entry over all batches.  Values are nan (pcdr empty) where they cannot be computed, e.g. a
     module whose forward never ran or whose weight is non-finite.
     """
@@ -245,7 +236,7 @@ def spectral_table(model: nn.Module, batches: Iterable[dict], modules: Mapping[s
     weights = {n: m.weight.detach() for n, m in modules.items()
                if isinstance(getattr(m, "weight", None), Tensor) and m.weight.dim() == 2}
     refreshed = compute_refresh(weights, {n: reduce_peaks(peaks.get(n, [])) for n in weights}, cfg, step=0)
-    roles = _roles(model)
+    roles = linear_roles(model)
     rows = []
     for name in weights:
         r, a = refreshed[name].stats, stats.get(name)

@@ -139,32 +139,33 @@ def top_k(s: Spectrum, k: int) -> Spectrum:
     return Spectrum(U=s.U[:, :k], S=s.S[:k], V=s.V[:, :k])
 
 
-def pcdr_terms(spec: Spectrum, x: Tensor, neuron: int) -> Tensor:
+def pcdr_terms(spectrum: Spectrum, x: Tensor, neuron: int) -> Tensor:
     """Per-component contributions σ_r u_{ir} v_rᵀ x of activation A_i = (W x)_i (paper eq. 1), float64 (r,)."""
-    x = x.detach().reshape(-1).to(device=spec.V.device, dtype=torch.float64)
-    if x.shape[0] != spec.V.shape[0]:
-        raise ValueError(f"pcdr: x has {x.shape[0]} features, weight expects {spec.V.shape[0]}")
-    if not 0 <= neuron < spec.U.shape[0]:
-        raise ValueError(f"pcdr: neuron must be in [0, {spec.U.shape[0]}), got {neuron}")
-    return spec.S.double() * spec.U[neuron].double() * (spec.V.double().T @ x)
+    U, S, V = spectrum.U, spectrum.S, spectrum.V
+    x = x.detach().reshape(-1).to(device=V.device, dtype=torch.float64)
+    if x.shape[0] != V.shape[0]:
+        raise ValueError(f"pcdr: x has {x.shape[0]} features, weight expects {V.shape[0]}")
+    if not 0 <= neuron < U.shape[0]:
+        raise ValueError(f"pcdr: neuron must be in [0, {U.shape[0]}), got {neuron}")
+    return S.double() * U[neuron].double() * (V.double().T @ x)
 
 
-def pcdr_curve(weight: Tensor, x: Tensor, neuron: int, spec: Spectrum | None = None) -> Tensor:
+def pcdr_curve(weight: Tensor, x: Tensor, neuron: int, spectrum: Spectrum | None = None) -> Tensor:
     """PCDR curve of one activation (paper eq. 2).
 
     Args:
         weight: (m, n) weight W; the activation is A_i = (W x)_i, bias excluded.
         x: (n,) input row x_j.
         neuron: output index i in [0, m).
-        spec: precomputed ``spectrum(weight)`` to reuse (optional).
+        spectrum: precomputed :func:`spectrum` of ``weight`` to reuse (optional).
     Returns:
         float64 tensor c of shape (r,), r = min(m, n): c[k-1] = PCDR_k = Σ_{r<=k}|t_r| / Σ_r |t_r| with
         t_r = σ_r u_{ir} v_rᵀ x.  Non-decreasing, c[-1] = 1.  All zeros when every t_r is 0 (A_i = 0 has
         no dominant component).
     """
-    if spec is None:
-        spec = spectrum(weight)
-    t = pcdr_terms(spec, x, neuron).abs()
+    if spectrum is None:
+        spectrum = spectra([weight])[0]
+    t = pcdr_terms(spectrum, x, neuron).abs()
     total = t.sum()
     if not bool(total > 0):
         return torch.zeros_like(t)

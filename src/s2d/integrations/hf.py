@@ -4,56 +4,33 @@
     trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[S2DCallback(S2DConfig())])
     trainer.train()                       # or trainer.train(resume_from_checkpoint=True)
 
-The callback attaches :class:`~s2d.decay.SelectiveSpectralDecay` to the model and the (unwrapped)
+The callback attaches :class:`~s2d.regularizer.SelectiveSpectralDecay` to the model and the (unwrapped)
 optimizer when training begins, so S2D's optimizer-step hooks follow the Trainer's real optimizer steps
 (gradient accumulation, clipping and skipped fp16 steps included). Its state is written next to every
 Trainer checkpoint (``checkpoint-N/s2d_state.pt``) and read back when training resumes from one.
 Works unchanged under ``torchrun`` / ``accelerate launch``: the refresh is shared across ranks by
-:mod:`s2d.distributed`.
+:mod:`s2d.regularizer.sharding`.
 """
 from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from s2d.decay import LayerStats, S2DConfig, SelectiveSpectralDecay
+from s2d.integrations.unwrap import unwrap_optimizer
+from s2d.regularizer import LayerStats, S2DConfig, SelectiveSpectralDecay
+from s2d.utils import save_torch
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["S2DCallback", "STATE_FILE", "unwrap_optimizer"]
 
 STATE_FILE = "s2d_state.pt"
-
-
-def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
-    """The torch optimizer inside framework wrappers (accelerate's ``AcceleratedOptimizer``, Lightning's)."""
-    for _ in range(8):
-        inner = getattr(optimizer, "optimizer", None) or getattr(optimizer, "_optimizer", None)
-        if not isinstance(inner, torch.optim.Optimizer):
-            break
-        optimizer = inner
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"S2D needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
-    return optimizer
-
-
-def _save_atomic(obj: dict, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 class S2DCallback(TrainerCallback):
@@ -64,43 +41,43 @@ class S2DCallback(TrainerCallback):
         resume_from: checkpoint directory to read ``s2d_state.pt`` from when resuming; default: the one
             the Trainer resumes from (``args.resume_from_checkpoint`` or ``output_dir/checkpoint-<step>``).
     Attributes:
-        s2d: the attached :class:`SelectiveSpectralDecay` (None before training starts).
+        decay: the attached :class:`SelectiveSpectralDecay` (None before training starts).
     """
 
     def __init__(self, config: S2DConfig = S2DConfig(), resume_from: str | os.PathLike | None = None) -> None:
         self.config = config
         self.resume_from = resume_from
-        self.s2d: SelectiveSpectralDecay | None = None
+        self.decay: SelectiveSpectralDecay | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                       model: nn.Module | None = None, optimizer: Any = None, **kwargs: Any) -> None:
+                       model: nn.Module | None = None, optimizer: object = None, **kwargs: object) -> None:
         if model is None or optimizer is None:
             raise RuntimeError("S2DCallback: the Trainer passed no model/optimizer to on_train_begin")
-        if self.s2d is not None:  # a second trainer.train() call: start from fresh hooks
-            self.s2d.remove()
-        self.s2d = SelectiveSpectralDecay(model, unwrap_optimizer(optimizer), self.config)
+        if self.decay is not None:  # a second trainer.train() call: start from fresh hooks
+            self.decay.remove()
+        self.decay = SelectiveSpectralDecay(model, unwrap_optimizer(optimizer), self.config)
         if state.global_step > 0:
             self._resume(args, state)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                     **kwargs: Any) -> None:
-        if self.s2d is not None:
-            self.s2d.remove()  # the model leaves training without hooks; stats stay readable
+                     **kwargs: object) -> None:
+        if self.decay is not None:
+            self.decay.remove()  # the model leaves training without hooks; stats stay readable
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                **kwargs: Any) -> None:
-        if self.s2d is None or not state.is_world_process_zero:
+                **kwargs: object) -> None:
+        if self.decay is None or not state.is_world_process_zero:
             return
         folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
         if not folder.is_dir():
             logger.warning("S2DCallback: checkpoint folder %s not found; S2D state not saved", folder)
             return
-        _save_atomic(self.s2d.state_dict(), folder / STATE_FILE)
+        save_torch(folder / STATE_FILE, self.decay.state_dict())
 
     # ------------------------------------------------------------------ helpers
     def _resume(self, args: TrainingArguments, state: TrainerState) -> None:
-        assert self.s2d is not None
+        assert self.decay is not None
         candidates = [self.resume_from]
         if isinstance(args.resume_from_checkpoint, str):
             candidates.append(args.resume_from_checkpoint)
@@ -108,14 +85,14 @@ class S2DCallback(TrainerCallback):
         for folder in candidates:
             if folder is not None and (Path(folder) / STATE_FILE).is_file():
                 sd = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
-                self.s2d.load_state_dict(sd)
-                logger.info("S2DCallback: resumed S2D state (step %d) from %s", self.s2d.step, folder)
+                self.decay.load_state_dict(sd)
+                logger.info("S2DCallback: resumed S2D state (step %d) from %s", self.decay.step, folder)
                 return
         logger.warning("S2DCallback: resuming at step %d without a saved S2D state; refreshing now",
                        state.global_step)
-        self.s2d.step = state.global_step
-        self.s2d.refresh_now()
+        self.decay.step = state.global_step
+        self.decay.refresh_now()
 
     def layer_stats(self) -> list[LayerStats]:
         """Per-layer stats of the last refresh (still available after training ended)."""
-        return self.s2d.layer_stats() if self.s2d is not None else []
+        return self.decay.layer_stats() if self.decay is not None else []

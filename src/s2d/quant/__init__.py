@@ -2,67 +2,50 @@
 
 Public::
 
-    from s2d.quant import QuantSpec, quantize_model, quantize_dequantize
+    from s2d.quant import QuantConfig, quantize_model
 
-    model = quantize_model(model, QuantSpec(w_bits=4, a_bits=4), method="rtn", calib=batches)  # in place
+    model = quantize_model(model, QuantConfig(w_bits=4, a_bits=4), method="rtn", calib=batches)  # in place
+    model = quantize_model(model, QuantConfig(w_bits=4, a_bits=4), method=RepQConfig(), calib=batches)
     list_quantizers(model)          # every quantizer with bits, granularity, calibrated range
     set_quantization(model, False)  # float reference through the same code path
+
+Modules (everything not re-exported here is importable from its module):
+
+- :mod:`~s2d.quant.primitives` — tensor maths: code ranges, scale / zero point, STE rounding, MSE clipping;
+- :mod:`~s2d.quant.quantizers`, :mod:`~s2d.quant.nonuniform` — the quantizer modules;
+- :mod:`~s2d.quant.config` — :class:`QuantConfig`, :class:`Bits`;
+- :mod:`~s2d.quant.linear`, :mod:`~s2d.quant.attention` — quantized Linear and attention;
+- :mod:`~s2d.quant.prepare`, :mod:`~s2d.quant.calibration` — insert, find and calibrate quantizers;
+- :mod:`~s2d.quant.api` — the PTQ method registry and :func:`quantize_model`;
+- :mod:`~s2d.quant.ptq` — the PTQ methods; :mod:`~s2d.quant.qat` — QAT; :mod:`~s2d.quant.reparam` — RepQ's
+  scale reparameterisation.
 """
-from s2d.quant.apply import (
-    METHODS,
-    QuantLinear,
-    QuantSpec,
-    available_methods,
-    calibrate,
-    calibrate_weights,
-    head_names,
-    list_quantizers,
-    prepare_model,
-    quantize_model,
-    quantizers,
-    register_method,
-    run_batches,
-    set_quantization,
-)
-from s2d.quant import rtn  # noqa: F401  (registers "rtn")
-from s2d.quant.attention import AttentionQuantizers, attention_modules, quant_attention_forward
-from s2d.quant.quantizers import (
-    LogSqrt2Quantizer,
-    Quantizer,
-    TwinUniformQuantizer,
-    UniformQuantizer,
-    fake_quant,
-    int_range,
-    quantize_dequantize,
-    round_ste,
-    scale_zero_point,
-)
+from s2d.quant.api import available_methods, quantize_model, register_method
+from s2d.quant.calibration import calibrate
+from s2d.quant.config import Bits, QuantConfig, QuantSpec
+from s2d.quant.linear import QuantLinear
+from s2d.quant.prepare import list_quantizers, named_quantizers, prepare_model, set_quantization
+from s2d.quant.ptq import ERQConfig, PTQ4ViTConfig, RepQConfig, RTNConfig  # importing ptq registers the methods
+from s2d.quant.qat import QATConfig, convert_qat, prepare_qat
 
 __all__ = [
+    "QuantConfig",
     "QuantSpec",
+    "Bits",
     "quantize_model",
-    "quantize_dequantize",
     "prepare_model",
     "calibrate",
-    "calibrate_weights",
-    "run_batches",
-    "list_quantizers",
     "set_quantization",
+    "list_quantizers",
+    "named_quantizers",
     "register_method",
     "available_methods",
-    "METHODS",
-    "quantizers",
-    "head_names",
     "QuantLinear",
-    "AttentionQuantizers",
-    "attention_modules",
-    "quant_attention_forward",
-    "Quantizer",
-    "UniformQuantizer",
-    "LogSqrt2Quantizer",
-    "TwinUniformQuantizer",
-    "round_ste",
-    "fake_quant",
-    "int_range",
-    "scale_zero_point",
+    "RTNConfig",
+    "RepQConfig",
+    "PTQ4ViTConfig",
+    "ERQConfig",
+    "QATConfig",
+    "prepare_qat",
+    "convert_qat",
 ]

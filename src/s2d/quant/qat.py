@@ -11,10 +11,10 @@ min/max, recomputed every step), activations asymmetric per tensor with ranges t
   :func:`prepare_qat` so it sees the scales.
 
 Quantized: every Linear's input and weight and the attention matmul inputs (q, k, softmax probs, v),
-as for PTQ (``s2d.quant.apply.prepare_model``). ``QuantLinear`` is an ``nn.Linear`` subclass swapped
+as for PTQ (``s2d.quant.prepare.prepare_model``). ``QuantLinear`` is an ``nn.Linear`` subclass swapped
 in place, so ``SelectiveSpectralDecay`` (created before or after) still finds and decays every layer::
 
-    model = prepare_qat(model, QuantSpec(w_bits=4, a_bits=4), calib=batches)
+    model = prepare_qat(model, QuantConfig(w_bits=4, a_bits=4), calib=batches)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     s2d = SelectiveSpectralDecay(model, opt, S2DConfig())       # optional
     for batch in loader: model(**batch).loss.backward(); opt.step(); opt.zero_grad()
@@ -23,13 +23,16 @@ in place, so ``SelectiveSpectralDecay`` (created before or after) still finds an
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import torch
 from torch import Tensor, nn
 
-from s2d.quant.apply import QuantLinear, QuantSpec, calibrate, prepare_model, quantizers
+from s2d.quant.calibration import calibrate
+from s2d.quant.config import QuantConfig
+from s2d.quant.prepare import named_quantizers, prepare_model, quantizer_roles
+from s2d.quant.primitives import EPS
 from s2d.quant.quantizers import Quantizer, UniformQuantizer
 
 logger = logging.getLogger(__name__)
@@ -41,10 +44,10 @@ ACT_RANGES = ("ema", "lsq")
 
 @dataclass(frozen=True)
 class QATConfig:
-    """act_range: "ema" (running min/max) | "lsq" (learned scale); momentum: EMA weight of a new batch, (0, 1]."""
+    """How QAT tracks activation ranges (weights always follow the live weight's min / max)."""
 
-    act_range: str = "ema"
-    momentum: float = 0.01
+    act_range: str = "ema"  # "ema" (running min / max in training mode) | "lsq" (learned scale)
+    momentum: float = 0.01  # EMA weight of the newest batch, in (0, 1] (torch.ao's default 0.01)
 
     def __post_init__(self) -> None:
         if self.act_range not in ACT_RANGES:
@@ -84,21 +87,14 @@ class EMAQuantizer(UniformQuantizer):
         return {**super().describe(), "momentum": self.momentum}
 
 
-def _weight_quantizer(spec: QuantSpec, dynamic: bool) -> UniformQuantizer:
-    return UniformQuantizer(spec.w_bits, spec.w_symmetric, spec.w_granularity, axis=0, dynamic=dynamic)
-
-
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` at the dotted module path ``name`` of ``model``."""
     parent_name, _, attr = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, attr, new)
 
 
-def _weight_names(model: nn.Module) -> set[str]:
-    return {f"{n}.weight_quantizer" for n, m in model.named_modules() if isinstance(m, QuantLinear)}
-
-
-def prepare_qat(model: nn.Module, spec: QuantSpec = QuantSpec(w_bits=4, a_bits=4),
+def prepare_qat(model: nn.Module, spec: QuantConfig = QuantConfig(w_bits=4, a_bits=4),
                 calib: Iterable[dict] | None = None, config: QATConfig = QATConfig(),
                 progress: bool = True) -> nn.Module:
     """Insert QAT fake quantizers in place and return ``model`` (in training mode).
@@ -107,14 +103,14 @@ def prepare_qat(model: nn.Module, spec: QuantSpec = QuantSpec(w_bits=4, a_bits=4
     for the initial activation ranges (required for LSQ; optional for EMA).
     """
     if spec.a_granularity != "tensor":
-        raise ValueError(f"prepare_qat: QuantSpec.a_granularity must be 'tensor' for QAT, got {spec.a_granularity!r}")
+        raise ValueError(f"prepare_qat: QuantConfig.a_granularity must be 'tensor' for QAT, got {spec.a_granularity!r}")
     if config.act_range == "lsq" and calib is None:
         raise ValueError("prepare_qat: QATConfig.act_range='lsq' needs calib batches to initialise the scales")
     prepare_model(model, spec)
-    wnames = _weight_names(model)
-    for name, q in quantizers(model).items():
-        if name in wnames:
-            new: Quantizer = _weight_quantizer(spec, dynamic=True)
+    roles = quantizer_roles(model)
+    for name, q in named_quantizers(model).items():
+        if roles[name] == "weight":  # min-max of the live weight at every step
+            new: Quantizer = UniformQuantizer(spec.w_bits, spec.w_symmetric, spec.w_granularity, axis=0, dynamic=True)
         elif config.act_range == "ema":
             new = EMAQuantizer(spec.a_bits, spec.a_symmetric, config.momentum)
         else:
@@ -124,13 +120,13 @@ def prepare_qat(model: nn.Module, spec: QuantSpec = QuantSpec(w_bits=4, a_bits=4
     if calib is not None:
         calibrate(model, calib, progress=progress)  # min-max init; LSQ scales become Parameters here
     model.train()
-    n_w = len(wnames)
+    n_w = sum(r == "weight" for r in roles.values())
     logger.info("prepared QAT %s (%s ranges): %d Linears", spec.name, config.act_range, n_w)
     return model
 
 
 @torch.no_grad()
-def _frozen(q: Quantizer, weight: Tensor | None) -> Quantizer:
+def _frozen(q: UniformQuantizer, weight: Tensor | None) -> UniformQuantizer:
     """A static UniformQuantizer with ``q``'s current parameters (weights: from ``weight``)."""
     if weight is not None:
         new = UniformQuantizer(q.bits, q.symmetric, q.granularity, axis=q.axis)
@@ -141,7 +137,7 @@ def _frozen(q: Quantizer, weight: Tensor | None) -> Quantizer:
     if not q.calibrated:
         raise RuntimeError("convert_qat: an activation quantizer never saw data; run a training or calib pass")
     if getattr(q, "learnable", False):
-        scale = q.scale.detach().abs().clamp_min(1e-8).reshape(-1)
+        scale = q.scale.detach().abs().clamp_min(EPS).reshape(-1)
         zp = q.zero_point.reshape(-1)
         new.set_range((q.qmin - zp) * scale, (q.qmax - zp) * scale)
         new.scale, new.zero_point = scale.clone(), zp.clone()  # keep the learned step exactly
@@ -154,11 +150,11 @@ def convert_qat(model: nn.Module) -> nn.Module:
     """Freeze every QAT quantizer (static per-tensor activation ranges, per-channel weight scales from the
     trained weights, learned LSQ scales as buffers) and return ``model`` in eval mode."""
     modules = dict(model.named_modules())
-    wnames = _weight_names(model)
-    for name, q in quantizers(model).items():
+    roles = quantizer_roles(model)
+    for name, q in named_quantizers(model).items():
         if not isinstance(q, UniformQuantizer):
             continue
-        weight = modules[name.rpartition(".")[0]].weight if name in wnames else None
+        weight = modules[name.rpartition(".")[0]].weight if roles[name] == "weight" else None
         new = _frozen(q, weight)
         new.enabled = q.enabled
         _replace(model, name, new)

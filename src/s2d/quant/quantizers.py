@@ -1,4 +1,4 @@
-"""Fake quantizers: uniform affine, log-sqrt2 and twin-uniform, with a straight-through estimator.
+"""Quantizer modules: the base life cycle and the uniform affine fake quantizer.
 
 Every quantizer is an ``nn.Module`` that maps a float tensor to a float tensor holding only values that
 a ``bits``-bit integer code can represent ("fake quantization" / quantize-dequantize). Life cycle::
@@ -11,7 +11,9 @@ a ``bits``-bit integer code can represent ("fake quantization" / quantize-dequan
     y = q(x)                        # fake-quantized x (gradients: straight-through estimator)
 
 ``enabled = False`` makes any quantizer the identity (float reference). Rounding is round-half-to-even
-(``torch.round``), the same convention as ``torch.fake_quantize_per_tensor_affine``.
+(``torch.round``), the same convention as ``torch.fake_quantize_per_tensor_affine``. The non-uniform
+quantizers (log-√2, twin uniform) live in :mod:`s2d.quant.nonuniform`, the tensor maths in
+:mod:`s2d.quant.primitives`.
 """
 from __future__ import annotations
 
@@ -21,122 +23,38 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
-GRANULARITIES = ("tensor", "channel", "token")
-RANGE_METHODS = ("minmax", "percentile", "mse")
-_EPS = 1e-8
-_MAX_SAMPLES = 1 << 21  # values kept per row for percentile / MSE range search
-_CALIB_TOKEN_MASK: Tensor | None = None  # (B, T) mask of real tokens of the batch being calibrated on
+from s2d.quant.primitives import (
+    EPS, GRANULARITIES, RANGE_METHODS, SHRINK_FACTORS, ValueSample, best_clipping, broadcast_shape, check_bits,
+    fake_quant, grad_scale, int_range, kth, scale_zero_point,
+)
 
+__all__ = ["Quantizer", "UniformQuantizer", "MSE_PERCENTILES"]
 
-def set_calibration_mask(mask: Tensor | None) -> None:
-    """Set (or clear with None) the (B, T) real-token mask of the current calibration batch.
-
-    While set, a calibrating quantizer with ``token_dims = (batch_dim, token_dim)`` observes only the
-    real (unpadded) tokens of inputs whose shape matches the mask on those dims; padding positions do not
-    widen its range. ``s2d.quant.apply.calibrate`` sets it per batch from ``batch["attention_mask"]``.
-    """
-    global _CALIB_TOKEN_MASK
-    _CALIB_TOKEN_MASK = None if mask is None else mask.bool()
-
-
-def _real_tokens(x: Tensor, dims: tuple[int, int] | None) -> Tensor:
-    """Rows of ``x`` at real tokens: (B, T, C) -> (N, C); (B, H, T, D) with dims (0, 2) -> (N, H, D)."""
-    m = _CALIB_TOKEN_MASK
-    if m is None or dims is None or x.dim() < 3 or m.dim() != 2:
-        return x
-    b, t = dims
-    if b != 0 or x.shape[0] != m.shape[0] or x.shape[t] != m.shape[1]:
-        return x
-    return x.movedim(t, 1)[m.to(x.device)]
-
-
-def _check_bits(owner: str, bits: int) -> None:
-    if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 16:
-        raise ValueError(f"{owner}.bits must be an int in [2, 16], got {bits!r}")
-
-
-def round_ste(x: Tensor) -> Tensor:
-    """Round to nearest (half to even) in the forward pass; identity gradient in the backward pass."""
-    return x + (torch.round(x) - x).detach()
-
-
-def _grad_scale(x: Tensor, factor: float) -> Tensor:
-    """Value of ``x``, gradient multiplied by ``factor`` (LSQ's step-size gradient scaling)."""
-    return (x - x * factor).detach() + x * factor
-
-
-def int_range(bits: int, symmetric: bool) -> tuple[int, int]:
-    """Integer code range: symmetric = [-(2^(b-1)-1), 2^(b-1)-1] (narrow, zero-centred); asymmetric = [0, 2^b-1]."""
-    if symmetric:
-        return -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1
-    return 0, 2**bits - 1
-
-
-def scale_zero_point(lo: Tensor, hi: Tensor, bits: int, symmetric: bool) -> tuple[Tensor, Tensor]:
-    """Scale and integer zero point for the range [lo, hi] (elementwise over channels).
-
-    Zero is always representable: the range is widened to include 0. Symmetric: scale = max(|lo|, |hi|) /
-    (2^(b-1)-1), zero point 0. Asymmetric: scale = (hi - lo) / (2^b - 1), zero point = round(-lo / scale).
-    """
-    qmin, qmax = int_range(bits, symmetric)
-    lo, hi = torch.minimum(lo, torch.zeros_like(lo)), torch.maximum(hi, torch.zeros_like(hi))
-    if symmetric:
-        scale = torch.maximum(-lo, hi) / qmax
-        return scale.clamp_min(_EPS), torch.zeros_like(scale)
-    scale = ((hi - lo) / (qmax - qmin)).clamp_min(_EPS)
-    zero_point = torch.clamp(torch.round(-lo / scale), qmin, qmax)
-    return scale, zero_point
-
-
-def fake_quant(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> Tensor:
-    """(clamp(round(x / scale) + z, qmin, qmax) - z) * scale, with a straight-through gradient.
-
-    The gradient w.r.t. ``x`` is 1 where ``x`` falls inside the representable range and 0 where it is
-    clipped (the usual clipped STE). ``scale`` and ``zero_point`` broadcast against ``x``; a ``scale`` that
-    requires grad receives the LSQ gradient.
-    """
-    q = torch.clamp(round_ste(x / scale) + zero_point, qmin, qmax)
-    return (q - zero_point) * scale
-
-
-def _broadcast_shape(ndim: int, axis: int, size: int) -> list[int]:
-    shape = [1] * ndim
-    shape[axis] = size
-    return shape
-
-
-def quantize_dequantize(x: Tensor, bits: int, symmetric: bool, axis: int | None = None) -> Tensor:
-    """Fake-quantize ``x`` with min-max ranges: per tensor (``axis=None``) or one range per index of ``axis``.
-
-    Shapes: output = ``x.shape``. Symmetric uses codes [-(2^(b-1)-1), 2^(b-1)-1]; asymmetric [0, 2^b-1].
-    """
-    _check_bits("quantize_dequantize", bits)
-    qmin, qmax = int_range(bits, symmetric)
-    if axis is None:
-        lo, hi = x.min(), x.max()
-        scale, zp = scale_zero_point(lo, hi, bits, symmetric)
-        return fake_quant(x, scale, zp, qmin, qmax)
-    axis = axis % x.ndim
-    rows = x.detach().movedim(axis, 0).reshape(x.shape[axis], -1)
-    scale, zp = scale_zero_point(rows.min(1).values, rows.max(1).values, bits, symmetric)
-    shape = _broadcast_shape(x.ndim, axis, x.shape[axis])
-    return fake_quant(x, scale.view(shape), zp.view(shape), qmin, qmax)
+MSE_PERCENTILES = (0.99, 0.999, 0.9999, 0.99999)  # percentile candidates of UniformQuantizer's "mse" search
+# attributes whose assignment does not change what a quantizer computes (no cache invalidation)
+_UNVERSIONED = ("_state_version", "num_observed", "token_mask")
 
 
 class Quantizer(nn.Module):
-    """Base fake quantizer. Subclasses implement ``_observe_rows``-style statistics, ``finalize`` and ``quantize``."""
+    """Base fake quantizer: the calibrate -> finalize -> quantize life cycle and the enable switch.
+
+    Subclasses implement ``observe`` (accumulate statistics), ``finalize``, ``quantize`` and ``describe``.
+    While calibrating, a quantizer with ``token_mask`` (B, T) and ``token_dims`` set observes only the
+    real tokens of its input (see :meth:`_real_tokens`; ``s2d.quant.calibration`` sets both).
+    """
 
     kind = "base"
 
     def __init__(self, bits: int) -> None:
         super().__init__()
-        _check_bits(type(self).__name__, bits)
+        check_bits(f"{type(self).__name__}.bits", bits)
         self.bits = bits
         self.enabled = True
         self.calibrating = False
         self.calibrated = False
         self.num_observed = 0  # tensors seen while calibrating
-        self.token_dims: tuple[int, int] | None = None  # (batch, token) dims: skip padding when calibrating
+        self.token_dims: tuple[int, int] | None = None  # (batch, token) dims of the inputs, for token_mask
+        self.token_mask: Tensor | None = None  # (B, T) bool, real tokens of the batch being calibrated on
 
     def observe(self, x: Tensor) -> None:
         """Accumulate range statistics from ``x`` (no gradient)."""
@@ -156,7 +74,7 @@ class Quantizer(nn.Module):
 
     def __setattr__(self, name: str, value: object) -> None:
         super().__setattr__(name, value)
-        if name not in ("_state_version", "num_observed"):  # any reconfiguration invalidates caches
+        if name not in _UNVERSIONED:  # any reconfiguration invalidates caches
             object.__setattr__(self, "_state_version", self.__dict__.get("_state_version", 0) + 1)
 
     def state_key(self) -> tuple:
@@ -173,7 +91,7 @@ class Quantizer(nn.Module):
         if not self.enabled:
             return x
         if self.calibrating:
-            seen = _real_tokens(x.detach(), self.token_dims)
+            seen = self._real_tokens(x.detach())
             if seen.numel():
                 with torch.no_grad():
                     self.observe(seen)
@@ -182,6 +100,18 @@ class Quantizer(nn.Module):
         if not self.calibrated:
             raise RuntimeError(f"{type(self).__name__} used before calibration: run calibrate() / finalize() first")
         return self.quantize(x)
+
+    def _real_tokens(self, x: Tensor) -> Tensor:
+        """What a calibrating quantizer observes of ``x``: with a ``token_mask`` (B, T) and ``token_dims``
+        (0, t) matching ``x``'s shape, only the real tokens, (B, T, C) -> (N, C) or (B, H, T, D) with
+        dims (0, 2) -> (N, H, D); otherwise ``x`` unchanged."""
+        m, dims = self.token_mask, self.token_dims
+        if m is None or dims is None or x.dim() < 3 or m.dim() != 2:
+            return x
+        b, t = dims
+        if b != 0 or x.shape[0] != m.shape[0] or x.shape[t] != m.shape[1]:
+            return x
+        return x.movedim(t, 1)[m.to(x.device)]
 
     def describe(self) -> dict:
         """JSON-serialisable summary: kind, bits, granularity, symmetric, range."""
@@ -204,13 +134,6 @@ class Quantizer(nn.Module):
     def extra_repr(self) -> str:
         d = self.describe()
         return ", ".join(f"{k}={v}" for k, v in d.items() if k not in ("kind", "range"))
-
-
-def _kth(rows: Tensor, q: float) -> Tensor:
-    """Per-row ``q``-quantile (0 <= q <= 1) by order statistics: the ceil(q*n)-th smallest value."""
-    n = rows.shape[1]
-    k = min(max(int(math.ceil(q * n - 1e-9)), 1), n)  # tolerance: 1 - 0.99 != 0.01 in floats
-    return rows.kthvalue(k, dim=1).values
 
 
 class UniformQuantizer(Quantizer):
@@ -260,8 +183,7 @@ class UniformQuantizer(Quantizer):
         self.register_buffer("zero_point", None)
         self.register_buffer("lo", None)  # calibrated clipping range, per row
         self.register_buffer("hi", None)
-        self._samples: list[Tensor] = []
-        self._n_samples = 0
+        self._sample = ValueSample()  # observed values per row, for percentile / MSE
         self._run_lo: Tensor | None = None
         self._run_hi: Tensor | None = None
 
@@ -281,29 +203,20 @@ class UniformQuantizer(Quantizer):
             return p.reshape(())
         if self.granularity == "channel":
             axis = self.axis % x.ndim
-            return p.view(_broadcast_shape(x.ndim, axis, x.shape[axis]))
+            return p.view(broadcast_shape(x.ndim, axis, x.shape[axis]))
         return p.view(*x.shape[:-1], 1)
 
     # -- range estimation ----------------------------------------------------------------------
-    def _range_from_rows(self, rows: Tensor, run_lo: Tensor, run_hi: Tensor) -> tuple[Tensor, Tensor]:
+    def _range_from_rows(self, rows: Tensor | None, run_lo: Tensor, run_hi: Tensor) -> tuple[Tensor, Tensor]:
+        """Clipping range (rows,) by ``range_method`` from the observed ``rows`` (rows, M) and their running
+        min / max: "mse" tries min-max shrunk by each SHRINK_FACTORS entry, then the MSE_PERCENTILES."""
         if self.range_method == "minmax":
             return run_lo, run_hi
         if self.range_method == "percentile":
-            return _kth(rows, 1.0 - self.percentile), _kth(rows, self.percentile)
-        return self._mse_search(rows, run_lo, run_hi)
-
-    def _mse_search(self, rows: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
-        cands = [(lo * a, hi * a) for a in torch.linspace(1.0, 0.3, 15).tolist()]
-        cands += [(_kth(rows, 1.0 - p), _kth(rows, p)) for p in (0.99, 0.999, 0.9999, 0.99999)]
-        best_lo, best_hi = lo.clone(), hi.clone()
-        best_err = torch.full_like(lo, float("inf"))
-        for c_lo, c_hi in cands:
-            s, z = scale_zero_point(c_lo, c_hi, self.bits, self.symmetric)
-            err = (fake_quant(rows, s[:, None], z[:, None], self.qmin, self.qmax) - rows).pow(2).mean(1)
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_lo, best_hi = torch.where(better, c_lo, best_lo), torch.where(better, c_hi, best_hi)
-        return best_lo, best_hi
+            return kth(rows, 1.0 - self.percentile), kth(rows, self.percentile)
+        cands = [(run_lo * a, run_hi * a) for a in SHRINK_FACTORS]
+        cands += [(kth(rows, 1.0 - p), kth(rows, p)) for p in MSE_PERCENTILES]
+        return best_clipping(rows, cands, self.bits, self.symmetric)
 
     def observe(self, x: Tensor) -> None:
         rows = self._rows(x.float())
@@ -316,12 +229,7 @@ class UniformQuantizer(Quantizer):
         else:
             self._run_lo, self._run_hi = torch.minimum(self._run_lo, lo), torch.maximum(self._run_hi, hi)
         if self.range_method != "minmax" and self.granularity != "token":
-            budget = max(_MAX_SAMPLES - self._n_samples, 0)
-            if budget and rows.shape[1] > budget:
-                rows = rows[:, torch.randperm(rows.shape[1], device=rows.device)[:budget]]
-            if budget:
-                self._samples.append(rows)
-                self._n_samples += rows.shape[1]
+            self._sample.add(rows)
 
     def finalize(self) -> None:
         if self._run_lo is None:
@@ -330,8 +238,7 @@ class UniformQuantizer(Quantizer):
             self.lo, self.hi = self._run_lo, self._run_hi
             self.calibrated = True
             return
-        rows = torch.cat(self._samples, 1) if self._samples else None
-        lo, hi = self._range_from_rows(rows, self._run_lo, self._run_hi)
+        lo, hi = self._range_from_rows(self._sample.rows(), self._run_lo, self._run_hi)
         self.set_range(lo, hi)
 
     def set_range(self, lo: Tensor, hi: Tensor) -> None:
@@ -348,7 +255,7 @@ class UniformQuantizer(Quantizer):
 
     def reset(self) -> None:
         super().reset()
-        self._samples, self._n_samples = [], 0
+        self._sample.clear()
         self._run_lo = self._run_hi = None
 
     def quantize(self, x: Tensor) -> Tensor:
@@ -366,7 +273,7 @@ class UniformQuantizer(Quantizer):
                 return self._fused(x)
             if self.learnable:
                 per_scale = x.numel() / scale.numel()  # elements sharing one scale
-                scale = _grad_scale(scale.abs().clamp_min(_EPS), 1.0 / math.sqrt(per_scale * self.qmax))
+                scale = grad_scale(scale.abs().clamp_min(EPS), 1.0 / math.sqrt(per_scale * self.qmax))
         return fake_quant(x, self._shaped(scale.to(x.dtype), x), self._shaped(zp.to(x.dtype), x),
                           self.qmin, self.qmax)
 
@@ -387,7 +294,7 @@ class UniformQuantizer(Quantizer):
         if self.granularity == "tensor":
             params = (float(s32), float(inv), float(lo), float(hi), z32.to(torch.int32).reshape(()))
         else:
-            shape = _broadcast_shape(x.ndim, layout[1], s32.numel())
+            shape = broadcast_shape(x.ndim, layout[1], s32.numel())
             params = (s32.view(shape), inv.view(shape), lo.view(shape), hi.view(shape), z32.to(torch.int32))
         self.__dict__["_param_cache"] = (key, params)  # plain attribute: not a buffer, not in state_dict
         return params
@@ -441,140 +348,3 @@ class UniformQuantizer(Quantizer):
         return {"kind": self.kind, "bits": self.bits, "granularity": self.granularity,
                 "symmetric": self.symmetric, "range_method": self.range_method,
                 "dynamic": self.dynamic, "learnable": self.learnable, "range": rng}
-
-
-class _SampledQuantizer(Quantizer):
-    """A quantizer calibrated on a bounded random sample (<= _MAX_SAMPLES values) of what it observed."""
-
-    def __init__(self, bits: int) -> None:
-        super().__init__(bits)
-        self._samples: list[Tensor] = []
-        self._n_samples = 0
-
-    def observe(self, x: Tensor) -> None:
-        flat = x.float().reshape(-1)
-        budget = max(_MAX_SAMPLES - self._n_samples, 0)
-        if budget and flat.numel() > budget:
-            flat = flat[torch.randperm(flat.numel(), device=flat.device)[:budget]]
-        if budget:
-            self._samples.append(flat)
-            self._n_samples += flat.numel()
-
-    def reset(self) -> None:
-        super().reset()
-        self._samples, self._n_samples = [], 0
-
-
-class LogSqrt2Quantizer(_SampledQuantizer):
-    """Log-√2 quantizer for post-softmax probabilities (RepQ-ViT), values in [0, 1].
-
-    code q = clamp(round(-2·log2(x/Δ)), 0, 2^b-1); value = Δ·2^(-ceil(q/2))·(1 + (√2-1)·(q mod 2)),
-    i.e. Δ·2^(-q/2) on a √2 grid; inputs whose code would exceed 2^b-1 (including 0) map to 0.
-    Δ: the candidate max(x)·2^(-j/8), j = 0..16, with the lowest MSE over the observed values.
-    Gradient: straight-through (identity).
-    """
-
-    kind = "log_sqrt2"
-
-    def __init__(self, bits: int = 4) -> None:
-        super().__init__(bits)
-        self.register_buffer("delta", None)
-
-    def _codes_to_values(self, x: Tensor, delta: Tensor) -> Tensor:
-        qmax = 2**self.bits - 1
-        code = torch.round(-2.0 * torch.log2(x.clamp_min(0) / delta))  # +inf for x == 0
-        overflow = code > qmax
-        code = code.clamp(0, qmax)
-        value = delta * torch.exp2(-torch.ceil(code / 2)) * (1 + (math.sqrt(2) - 1) * torch.remainder(code, 2))
-        return torch.where(overflow, torch.zeros_like(value), value)
-
-    def finalize(self) -> None:
-        if not self._samples:
-            raise RuntimeError("LogSqrt2Quantizer.finalize() called before any observe()")
-        x = torch.cat(self._samples)
-        top = x.max().clamp_min(_EPS)
-        best, best_err = top, float("inf")
-        for j in range(17):
-            delta = top * 2.0 ** (-j / 8)
-            err = float((self._codes_to_values(x, delta) - x).pow(2).mean())
-            if err < best_err:
-                best, best_err = delta, err
-        self.delta = best.reshape(())
-        self.calibrated = True
-
-    def quantize(self, x: Tensor) -> Tensor:
-        return x + (self._codes_to_values(x.detach(), self.delta.to(x.dtype)) - x).detach()
-
-    def describe(self) -> dict:
-        rng = None if self.delta is None else [0.0, float(self.delta)]
-        return {"kind": self.kind, "bits": self.bits, "granularity": "tensor", "symmetric": False,
-                "range_method": "mse", "range": rng}
-
-
-class TwinUniformQuantizer(_SampledQuantizer):
-    """Twin uniform quantizer (PTQ4ViT): two uniform ranges with 2^(b-1) levels each.
-
-    mode "softmax" (inputs in [0, 1]): a fine range [0, s) with step s / 2^(b-1) and a coarse range
-    [s, 1] with step 2^-(b-1), where the threshold s = 2^-k, k in 0..19, is chosen by MSE on the observed
-    values. mode "gelu": negatives with step |min(x)| / (2^(b-1)-1) (the observed minimum; PTQ4ViT uses
-    GELU's fixed minimum, -0.17) and positives with step Δ+ = max(x)·c / (2^(b-1)-1), c searched over
-    0.3..1.0 by MSE. Each range keeps 2^(b-1) codes (one sign bit). Gradient: straight-through inside the
-    ranges. Other methods may overwrite ``threshold`` / ``pos_step`` / ``neg_step`` (e.g. a Hessian search).
-    """
-
-    kind = "twin_uniform"
-    MODES = ("softmax", "gelu")
-
-    def __init__(self, bits: int = 8, mode: str = "softmax") -> None:
-        super().__init__(bits)
-        if mode not in self.MODES:
-            raise ValueError(f"TwinUniformQuantizer.mode must be one of {self.MODES}, got {mode!r}")
-        self.mode = mode
-        self.levels = 2 ** (bits - 1)
-        self.register_buffer("threshold", None)  # softmax mode: s
-        self.register_buffer("pos_step", None)  # gelu mode
-        self.register_buffer("neg_step", None)
-
-    def _softmax_q(self, x: Tensor, s: Tensor) -> Tensor:
-        fine_step, coarse_step = s / self.levels, torch.tensor(1.0 / self.levels, dtype=x.dtype, device=x.device)
-        fine = torch.clamp(round_ste(x / fine_step), 0, self.levels - 1) * fine_step
-        coarse = torch.clamp(round_ste(x / coarse_step), 0, self.levels - 1) * coarse_step
-        return torch.where(x.detach() < s, fine, coarse)
-
-    def _gelu_q(self, x: Tensor, neg_step: Tensor, pos_step: Tensor) -> Tensor:
-        neg = torch.clamp(round_ste(x / neg_step), -(self.levels - 1), 0) * neg_step
-        pos = torch.clamp(round_ste(x / pos_step), 0, self.levels - 1) * pos_step
-        return torch.where(x.detach() < 0, neg, pos)
-
-    def finalize(self) -> None:
-        if not self._samples:
-            raise RuntimeError("TwinUniformQuantizer.finalize() called before any observe()")
-        x = torch.cat(self._samples)
-        if self.mode == "softmax":
-            errs = [(float((self._softmax_q(x, torch.tensor(2.0**-k)) - x).pow(2).mean()), k) for k in range(20)]
-            self.threshold = torch.tensor(2.0 ** -min(errs)[1])
-        else:
-            n = self.levels - 1
-            self.neg_step = (-x.min()).clamp_min(_EPS) / n
-            top = x.max().clamp_min(_EPS)
-            errs = []
-            for c in torch.linspace(1.0, 0.3, 15).tolist():
-                step = top * c / n
-                errs.append((float((self._gelu_q(x, self.neg_step, step) - x).pow(2).mean()), c))
-            self.pos_step = top * min(errs)[1] / n
-        self.calibrated = True
-
-    def quantize(self, x: Tensor) -> Tensor:
-        if self.mode == "softmax":
-            return self._softmax_q(x, self.threshold.to(x.dtype))
-        return self._gelu_q(x, self.neg_step.to(x.dtype), self.pos_step.to(x.dtype))
-
-    def describe(self) -> dict:
-        if self.mode == "softmax":
-            rng = None if self.threshold is None else {"threshold": float(self.threshold)}
-        else:
-            rng = None if self.pos_step is None else {
-                "neg_step": float(self.neg_step), "pos_step": float(self.pos_step),
-                "range": [-float(self.neg_step) * (self.levels - 1), float(self.pos_step) * (self.levels - 1)]}
-        return {"kind": self.kind, "bits": self.bits, "granularity": "tensor", "symmetric": False,
-                "mode": self.mode, "range": rng}

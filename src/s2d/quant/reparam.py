@@ -30,6 +30,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from s2d.quant.primitives import check_bits
+
 __all__ = [
     "ChannelAffine",
     "channel_affine_from_ranges",
@@ -46,10 +48,10 @@ class ChannelAffine:
     r, shift: (C,) float tensors. lo, hi: floats, the per-tensor asymmetric range of x' (units of x').
     """
 
-    r: Tensor
-    shift: Tensor
-    lo: float
-    hi: float
+    r: Tensor      # (C,) per-channel divisor r_c
+    shift: Tensor  # (C,) per-channel shift s_c
+    lo: float      # per-tensor range of x', low end
+    hi: float      # per-tensor range of x', high end
 
 
 def channel_affine_from_ranges(lo: Tensor, hi: Tensor, bits: int, eps: float = 1e-8) -> ChannelAffine:
@@ -60,8 +62,7 @@ def channel_affine_from_ranges(lo: Tensor, hi: Tensor, bits: int, eps: float = 1
     """
     if lo.shape != hi.shape or lo.dim() != 1:
         raise ValueError(f"lo/hi must be 1-D tensors of the same shape, got {tuple(lo.shape)} and {tuple(hi.shape)}")
-    if not 2 <= bits <= 16:
-        raise ValueError(f"bits must be in [2, 16], got {bits}")
+    check_bits("channel_affine_from_ranges.bits", bits)
     lo = torch.minimum(lo.double(), torch.zeros_like(lo, dtype=torch.float64))
     hi = torch.maximum(hi.double(), torch.zeros_like(hi, dtype=torch.float64))
     levels = 2**bits - 1

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["ridge_solve", "aqer", "RowGrid", "refine_rounding", "wqer"]
+__all__ = ["ridge_solve", "ridge_solve_gram", "aqer", "RowGrid", "refine_rounding", "wqer"]
 
 
 def ridge_solve(a: Tensor, rhs: Tensor, lam: float) -> Tensor:
@@ -52,16 +52,17 @@ def aqer(weight: Tensor, bias: Tensor | None, x_q: Tensor, y: Tensor, lam: float
 class RowGrid:
     """Per-output-row uniform grid: value = (code − zero) · scale, code ∈ [qmin, qmax]. scale, zero: (m,)."""
 
-    scale: Tensor
-    zero: Tensor
-    qmin: int
-    qmax: int
+    scale: Tensor  # (m,) step per row
+    zero: Tensor   # (m,) zero point per row (in codes)
+    qmin: int      # lowest code
+    qmax: int      # highest code
 
     def codes(self, w: Tensor) -> Tensor:
         """Continuous codes w/Δ + z, (m, k) for w (m, k)."""
         return w.double() / self.scale.double()[:, None] + self.zero.double()[:, None]
 
     def dequant(self, q: Tensor) -> Tensor:
+        """Values (q − z) · Δ, float64, for codes q (m, k)."""
         return (q - self.zero.double()[:, None]) * self.scale.double()[:, None]
 
 

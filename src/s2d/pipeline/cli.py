@@ -1,4 +1,4 @@
-"""The `s2d` command-line tool.
+"""The ``s2d`` command-line tool (entry point ``s2d.pipeline.cli:main``).
 
 Every subcommand is one `_cmd_<name>(args) -> int` function plus one `_add_<name>(subparsers)`
 function. Bad user input (`ValueError`, `FileNotFoundError`) becomes a one-line error and exit code 2.
@@ -6,8 +6,31 @@ function. Bad user input (`ValueError`, `FileNotFoundError`) becomes a one-line 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
+import subprocess
 import sys
+from itertools import islice
+from pathlib import Path
+
+from accelerate import PartialState
+from safetensors.torch import save_model
+
+from s2d import assets
+from s2d.data import Loaders, calibration_batches
+from s2d.models import ModelBundle, ffn_modules
+from s2d.pipeline.config import DataConfig, ModelConfig
+from s2d.pipeline.experiment import load_task, ptq_cell, run_experiment
+from s2d.pipeline.figures import fig_violins
+from s2d.pipeline.parse import load_config
+from s2d.pipeline.report import terminal_summary, write_report
+from s2d.pipeline.tables import format_inspect_table
+from s2d.probes import capture_activations, spectral_table
+from s2d.quant import Bits, QuantConfig, available_methods
+from s2d.quant.qat import convert_qat
+from s2d.regularizer import S2DConfig
+from s2d.train import TrainConfig, evaluate, finetune
+from s2d.utils import jsonable, write_json, write_text
 
 log = logging.getLogger("s2d")
 
@@ -20,19 +43,37 @@ def _add_assets(sub: argparse._SubParsersAction) -> None:
     asub.add_parser("list", help="name, kind, size, and whether it is cached")
     f = asub.add_parser("fetch", help="download, verify and cache assets")
     f.add_argument("names", nargs="+", metavar="NAME", help="asset names (see `s2d assets list`)")
+    v = asub.add_parser("verify", help="re-hash cached assets against the sha256 recorded when they were cached",
+                        description="Re-hash every file of the cached assets. A corrupted one is reported and "
+                                    "dropped from the cache, so the next fetch downloads it again. Exit 1 if any is.")
+    v.add_argument("names", nargs="*", metavar="NAME", help="asset names (default: every asset)")
     p.set_defaults(func=_cmd_assets)
 
 
 def _cmd_assets(args: argparse.Namespace) -> int:
-    from s2d import assets
-
     if args.assets_cmd == "list":
         print(assets.format_table(assets.list_assets()))
         return 0
+    if args.assets_cmd == "verify":
+        return _verify_assets(args.names or list(assets.REGISTRY))
     for name in args.names:
         path = assets.fetch(name, progress=True)
         print(f"{name}: {path}")
     return 0
+
+
+def _verify_assets(names: list[str]) -> int:
+    bad = 0
+    for name in names:
+        problem = assets.verify_cached(name)
+        if problem is None:
+            print(f"{name}: ok")
+        elif problem == "not cached":
+            print(f"{name}: not cached")
+        else:
+            bad += 1
+            print(f"{name}: CORRUPTED: {problem}; removed from the cache, run `s2d assets fetch {name}`")
+    return 1 if bad else 0
 
 
 # --------------------------------------------------------------------------- run
@@ -52,15 +93,9 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from s2d.config import load_config
-    from s2d.experiment import run_experiment
-    from s2d.report import terminal_summary, write_report
-
     cfg = load_config(args.config, quick=args.quick)        # validated before anything runs
     out = args.out or f"runs/{cfg.name}{'-quick' if args.quick else ''}"
     result = run_experiment(cfg, out, progress=not args.no_progress)
-    from accelerate import PartialState
-
     if PartialState().is_main_process:       # several processes (accelerate launch): one report
         res = write_report(result, out)
         print("\n" + terminal_summary(res, out))
@@ -87,43 +122,29 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
 
 
 def _default_data(model: str) -> str:
-    from s2d import assets
-
     if (model in assets.REGISTRY and "dinov2" in model) or model.startswith("timm:"):
         return "fashion-mnist"
     return "rotten-tomatoes"
 
 
 def _task(model: str, data: str | None, *, max_length: int = 64, batch_size: int = 32,
-          limit_train: int | None = None, limit_eval: int | None = None, seed: int = 0):
-    from s2d.config import DataSpec, ModelSpec
-    from s2d.experiment import load_task
-
+          limit_train: int | None = None, limit_eval: int | None = None, seed: int = 0) -> tuple[ModelBundle, Loaders]:
     data = data or _default_data(model)
-    return load_task(ModelSpec(model), DataSpec(data, max_length=max_length, limit_train=limit_train,
+    return load_task(ModelConfig(model), DataConfig(data, max_length=max_length, limit_train=limit_train,
                                                 limit_eval=limit_eval), batch_size=batch_size,
                      eval_batch_size=batch_size, seed=seed)
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from itertools import islice
-    from pathlib import Path
-
-    from s2d.experiment import write_json
-    from s2d.report import fig_violins, format_inspect_table
-    from s2d.train import _jsonable, ffn_modules
-
-    from s2d.probes import capture_activations, spectral_table
-
     if args.batches < 1:
         raise ValueError(f"--batches must be >= 1, got {args.batches}")
     bundle, loaders = _task(args.model, args.data, max_length=args.max_length, batch_size=args.batch_size,
                             limit_eval=args.batches * args.batch_size)
     batches = list(islice(iter(loaders.test), args.batches))
     progress = not args.no_progress
-    table = [_jsonable(r) for r in spectral_table(bundle.model, batches, k_max=args.k_max, tau=args.tau,
+    table = [jsonable(r) for r in spectral_table(bundle.model, batches, k_max=args.k_max, tau=args.tau,
                                                   progress=progress)]
-    acts = {k: _jsonable(v) for k, v in capture_activations(bundle.model, batches, modules=ffn_modules(bundle.model),
+    acts = {k: jsonable(v) for k, v in capture_activations(bundle.model, batches, modules=ffn_modules(bundle.model),
                                                             sample_size=2048, progress=progress).items()}
     out = Path(args.out or f"runs/inspect-{Path(args.model).name}")
     out.mkdir(parents=True, exist_ok=True)
@@ -131,7 +152,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     fake = {"arms": {args.model: {"activations": acts, "qat_bits": None}}}
     fig_violins(fake, out / "violins.png")
     text = format_inspect_table(table)
-    (out / "layers.md").write_text(text + "\n")
+    write_text(out / "layers.md", text + "\n")
     print(text)
     print(f"\nwritten: {out}/layers.json, {out}/layers.md, {out}/violins.png")
     return 0
@@ -169,29 +190,20 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
-    import dataclasses
-    from pathlib import Path
-
-    from s2d.config import parse_bits
-    from s2d.decay import S2DConfig
-    from s2d.experiment import quant_spec, write_json
-    from s2d.train import TrainConfig, evaluate, finetune
-
     steps = args.steps if args.steps is not None or args.epochs is not None else 200
     train_cfg = TrainConfig(steps=steps, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                             eval_batch_size=args.batch_size, seed=args.seed)
-    s2d = S2DConfig(strength=args.s2d_strength, interval=args.s2d_interval, tau=args.s2d_tau,
-                    k_max=args.s2d_k_max, power=args.s2d_power, update=args.s2d_update,
-                    selection=args.s2d_selection) if args.s2d else None
-    qat = quant_spec(parse_bits(args.qat), {}) if args.qat else None
+    s2d_config = S2DConfig(strength=args.s2d_strength, interval=args.s2d_interval, tau=args.s2d_tau,
+                           k_max=args.s2d_k_max, power=args.s2d_power, update=args.s2d_update,
+                           selection=args.s2d_selection) if args.s2d else None
+    qat = _quant_config(Bits.parse(args.qat, "--qat")) if args.qat else None
     bundle, loaders = _task(args.model, args.data, max_length=args.max_length, batch_size=args.batch_size,
                             limit_train=args.limit_train, limit_eval=args.limit_eval, seed=args.seed)
     out = Path(args.out)
-    res = finetune(bundle, loaders, train_cfg, optimizer=args.optimizer, s2d=s2d, qat=qat,
+    res = finetune(bundle, loaders, train_cfg, optimizer=args.optimizer, s2d_config=s2d_config, qat=qat,
                    out_dir=out / "checkpoints", progress=not args.no_progress)
     model = bundle.model
     if qat is not None:
-        from s2d.quant.qat import convert_qat
         model = convert_qat(model)
     acc = evaluate(model, loaders.test, progress=not args.no_progress)
     if qat is None:
@@ -199,7 +211,6 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         if bundle.tokenizer is not None:
             bundle.tokenizer.save_pretrained(out)
     else:
-        from safetensors.torch import save_model
         save_model(model, str(out / "qat_model.safetensors"))
     write_json(out / "train.json", {**dataclasses.asdict(res), "test_accuracy": acc})
     print(f"test accuracy {100 * acc:.2f}%  ->  {out}")
@@ -223,15 +234,12 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_quantize)
 
 
+def _quant_config(bits: Bits) -> QuantConfig:
+    return QuantConfig(w_bits=bits.w, a_bits=bits.a)
+
+
 def _cmd_quantize(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from s2d.config import available_methods, parse_bits
-    from s2d.data import calibration_batches
-    from s2d.experiment import ptq_cell, quant_spec, write_json
-    from s2d.train import evaluate
-
-    bits = parse_bits(args.bits)
+    bits = Bits.parse(args.bits, "--bits")
     if args.method not in available_methods():
         raise ValueError(f"unknown PTQ method {args.method!r}; registered: {', '.join(available_methods())}")
     bundle, loaders = _task(args.model, args.data, max_length=args.max_length, batch_size=args.batch_size,
@@ -239,7 +247,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     progress = not args.no_progress
     calib = calibration_batches(loaders, num_samples=args.calib_samples, batch_size=args.batch_size)
     fp = evaluate(bundle.model, loaders.test, progress=progress)
-    acc = ptq_cell(bundle.model, quant_spec(bits, {}), args.method, calib, loaders.test, progress)
+    acc = ptq_cell(bundle.model, _quant_config(bits), args.method, calib, loaders.test, progress)
     row = {"model": args.model, "data": args.data, "method": args.method, "bits": args.bits,
            "fp_accuracy": fp, "accuracy": acc}
     if args.out:
@@ -261,8 +269,6 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from s2d.train import evaluate
-
     bundle, loaders = _task(args.model, args.data, max_length=args.max_length, batch_size=args.batch_size,
                             limit_eval=args.limit_eval)
     acc = evaluate(bundle.model, loaders.test, progress=not args.no_progress)
@@ -282,9 +288,6 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    import subprocess
-    from pathlib import Path
-
     scripts = {p.stem.removeprefix("bench_"): p for p in sorted(Path(args.dir).glob("bench_*.py"))}
     if not scripts:
         raise FileNotFoundError(f"no benchmarks (bench_*.py) in {args.dir}")

@@ -1,9 +1,7 @@
-"""Selective Spectral Decay (paper section 4, Algorithm 1) as optimizer hooks.
+"""Selective Spectral Decay (paper section 4, Algorithm 1) as optimizer hooks: :class:`SelectiveSpectralDecay`.
 
-Every ``interval`` optimizer steps (the first at step 0) each target layer is *refreshed*: its spectrum
-is computed, the PCDR curve of the layer's largest |output| entry on that step's forward pass(es) is
-evaluated, and k_target = the smallest k <= k_max with PCDR_k >= tau is chosen (``selection="all"``:
-k = k_max for every layer).  Only the top-k factors U_k, σ_k, V_k are cached.  At every optimizer step
+Every ``interval`` optimizer steps (the first at step 0) each target layer is *refreshed*
+(:mod:`s2d.regularizer.refresh`) and its top-k factors U_k, σ_k, V_k are cached.  At every optimizer step
 the penalty G = strength · U_k diag(σ_k^power) V_kᵀ  (= ∂/∂W strength/(power+1) Σ_{r<=k} σ_r^(power+1))
 is applied:
 
@@ -15,8 +13,8 @@ is applied:
 activation peaks of that step are snapshot on the training thread, the spectral work runs on a worker
 thread (a side CUDA stream on GPU) while training goes on, and the factors are installed at the due
 step (they are ``L`` steps stale; paper appendix G.2).  Under ``torch.distributed`` every rank
-decomposes only its share of the layers and the factors are broadcast (:mod:`s2d.distributed`); all
-collectives run on the training thread, in the same order on every rank.  Under
+decomposes only its share of the layers and the factors are broadcast; all
+collectives run on the training thread, in the same order on every rank (:mod:`s2d.regularizer.sharding`).  Under
 ``optimizer.step(closure)`` the closure is wrapped, so the refresh and the penalty follow the
 forward/backward pass it runs.
 
@@ -26,271 +24,34 @@ the refresh runs in the pre-hook of the next step that does run, on the pre-upda
 A weight whose ``.grad`` is None at step time is left alone: the optimizer does not update it, and S2D
 does not penalise it either (no gradient is invented for it).
 
-The refresh is split into a pure function, :func:`compute_refresh` (weights + activation peaks ->
-factors and stats for a given list of layers), and :meth:`SelectiveSpectralDecay.install`, so the
-spectral work can be sharded across ranks (each computes a share, factors are broadcast, every rank
-installs) or run asynchronously a few steps early.
+The refresh is a pure function (:func:`~s2d.regularizer.refresh.compute_refresh`) and
+:meth:`SelectiveSpectralDecay.install` makes its result current, so the spectral work can be sharded
+across ranks (each computes a share, factors are broadcast, every rank installs) or run
+asynchronously a few steps early.
 
 Depends on torch only.
 """
 from __future__ import annotations
 
-import fnmatch
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, fields
 
 import torch
 from torch import Tensor, nn
 
-from s2d.distributed import BackgroundTask, ShardedRefresh, add_low_rank_
-from s2d.spectral import Spectrum, pcdr_curve, select_rank, spectra, top_k
+from s2d.regularizer.config import S2DConfig
+from s2d.regularizer.refresh import (
+    ActivationPeak, LayerRefresh, LayerStats, compute_refresh, find_peak, find_targets, reduce_peaks,
+)
+from s2d.regularizer.sharding import ShardedRefresh, add_low_rank_
+from s2d.regularizer.worker import BackgroundTask
+from s2d.spectral import Spectrum
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "S2DConfig", "LayerStats", "ActivationPeak", "LayerRefresh", "SelectiveSpectralDecay",
-    "compute_refresh", "find_peak", "find_targets", "reduce_peaks",
-]
-
-Include = Callable[[str, nn.Module], bool] | Sequence[str] | None
-
-
-@dataclass(frozen=True)
-class S2DConfig:
-    """S2D hyperparameters (paper defaults: λ=5e-4, n=2, τ=0.95, K_max=3, refresh every 100 steps).
-
-    strength: λ >= 0.  power: n > 0 (the penalty acts on σ^(n+1)).  tau: PCDR threshold in (0, 1].
-    k_max: max components penalised per layer, >= 1.  interval: optimizer steps between refreshes, >= 1.
-    selection: "pcdr" (paper) or "all" (ablation: top k_max of every layer).  update: "coupled" (add G to
-    the gradient) or "decoupled" (W -= lr·G after the step).  include: None = every nn.Linear; a callable
-    (name, module) -> bool or a sequence of fnmatch patterns on module names, over modules with a 2-D
-    ``weight`` parameter.  async_lead: start each refresh but the first this many steps early, in the
-    background (0 = synchronous; 0 <= async_lead < interval).
-    """
-
-    strength: float = 5e-4
-    power: float = 2.0
-    tau: float = 0.95
-    k_max: int = 3
-    interval: int = 100
-    selection: str = "pcdr"
-    update: str = "coupled"
-    include: Include = None
-    async_lead: int = 0
-
-    def __post_init__(self) -> None:
-        def bad(field: str, allowed: str) -> ValueError:
-            return ValueError(f"S2DConfig.{field} must be {allowed}, got {getattr(self, field)!r}")
-
-        if not _real(self.strength) or not (math.isfinite(self.strength) and self.strength >= 0):
-            raise bad("strength", "a finite number >= 0")
-        if not _real(self.power) or not (math.isfinite(self.power) and self.power > 0):
-            raise bad("power", "a finite number > 0")
-        if not _real(self.tau) or not 0 < self.tau <= 1:
-            raise bad("tau", "in (0, 1]")
-        if not _int(self.k_max) or self.k_max < 1:
-            raise bad("k_max", "an integer >= 1")
-        if not _int(self.interval) or self.interval < 1:
-            raise bad("interval", "an integer >= 1")
-        if not _int(self.async_lead) or not 0 <= self.async_lead < self.interval:
-            raise bad("async_lead", f"an integer in [0, interval={self.interval})")
-        if self.selection not in ("pcdr", "all"):
-            raise bad("selection", "one of 'pcdr', 'all'")
-        if self.update not in ("coupled", "decoupled"):
-            raise bad("update", "one of 'coupled', 'decoupled'")
-        inc = self.include
-        if isinstance(inc, str):
-            object.__setattr__(self, "include", (inc,))
-        elif inc is not None and not callable(inc):
-            if not all(isinstance(p, str) for p in inc):
-                raise bad("include", "None, a callable (name, module) -> bool, or a sequence of fnmatch patterns")
-            object.__setattr__(self, "include", tuple(inc))
-
-
-def _real(v: object) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _int(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-@dataclass
-class LayerStats:
-    """What the last refresh found for one layer (JSON-serialisable via ``dataclasses.asdict``).
-
-    sigma_max: largest singular value (nan for a non-finite weight).  pcdr: [PCDR_1..PCDR_k_max] of the
-    largest activation (empty when none was captured).  k_target: components penalised until the next refresh
-    (None = healthy / skipped).  max_activation: largest |output| seen on the refresh step (nan when none).
-    reason: why the layer was skipped.  refreshed_at: optimizer step of that refresh.
-    """
-
-    name: str
-    shape: tuple[int, int]
-    sigma_max: float
-    pcdr: list[float]
-    k_target: int | None
-    max_activation: float
-    skipped: bool
-    reason: str | None
-    refreshed_at: int
-
-
-@dataclass
-class ActivationPeak:
-    """The largest |output| entry of a layer: its value, input row x_j (n,) and neuron i (0-d tensors)."""
-
-    max_abs: Tensor
-    x: Tensor
-    neuron: Tensor
-
-
-@dataclass
-class LayerRefresh:
-    """Result of refreshing one layer: the factors to penalise (None = no penalty) and its stats."""
-
-    name: str
-    factors: Spectrum | None
-    stats: LayerStats
-
-
-def find_peak(weight_shape: Sequence[int], x: object, output: object) -> ActivationPeak | None:
-    """The largest |output| entry of one forward call of a layer with an (m, n) weight, without a sync.
-
-    x: the layer input (..., n); output: (..., m).  Returns None when they are not tensors of matching
-    shapes (e.g. integer inputs, or a module whose forward is not W x).  NaN/Inf propagate to the max.
-    """
-    m, n = int(weight_shape[0]), int(weight_shape[1])
-    if not (isinstance(x, Tensor) and isinstance(output, Tensor) and x.is_floating_point()
-            and x.shape[-1] == n and output.shape[-1] == m and output.numel() > 0
-            and x.numel() // n == output.numel() // m):
-        return None
-    with torch.no_grad():
-        flat = output.detach().reshape(-1).abs()
-        idx = flat.argmax()
-        row = x.detach().reshape(-1, n)[idx // m]
-        return ActivationPeak(flat[idx].clone(), row.clone(), idx % m)
-
-
-def reduce_peaks(peaks: Sequence[ActivationPeak]) -> ActivationPeak | None:
-    """The peak with the largest |value| over micro-batches; a non-finite one wins (and gets flagged)."""
-    if not peaks:
-        return None
-    vals = torch.stack([p.max_abs.float() for p in peaks])
-    vals = torch.where(torch.isfinite(vals), vals, torch.full_like(vals, math.inf))
-    return peaks[int(vals.argmax())]
-
-
-def _nan_stats(name: str, shape: tuple[int, int], step: int, reason: str, peak_value: float) -> LayerStats:
-    return LayerStats(name, shape, math.nan, [], None, peak_value, True, reason, step)
-
-
-def compute_refresh(
-    weights: Mapping[str, Tensor],
-    peaks: Mapping[str, ActivationPeak | None],
-    config: S2DConfig,
-    step: int,
-    compute_dtype: torch.dtype | None = None,
-) -> dict[str, LayerRefresh]:
-    """Refresh the given layers from their weights and activation peaks; touches no module.
-
-    Args:
-        weights: layer name -> (m, n) weight (read only).
-        peaks: layer name -> largest-activation peak of the refresh step (missing/None = not captured).
-        config: S2D hyperparameters.  step: optimizer step stamped into the stats.
-    Returns:
-        layer name -> :class:`LayerRefresh`.  Layers with a non-finite weight or activation, or (for
-        ``selection="pcdr"``) no captured activation -- e.g. ``nn.MultiheadAttention.out_proj``, whose
-        forward is never called -- are skipped (factors None, ``stats.skipped`` with a reason).
-    """
-    out: dict[str, LayerRefresh] = {}
-    ready: list[str] = []
-    for name, w in weights.items():
-        shape = (int(w.shape[0]), int(w.shape[1]))
-        peak = peaks.get(name)
-        value = float(peak.max_abs) if peak is not None else math.nan
-        reason = None
-        if not bool(torch.isfinite(w).all()):
-            reason = "non-finite weight"
-        elif peak is not None and not (math.isfinite(value) and bool(torch.isfinite(peak.x).all())):
-            reason = "non-finite activation"
-        if reason is None:
-            ready.append(name)
-        else:
-            out[name] = LayerRefresh(name, None, _nan_stats(name, shape, step, reason, value))
-    for name, spec in zip(ready, _safe_spectra([weights[n] for n in ready], compute_dtype)):
-        out[name] = _refresh_layer(name, weights[name], spec, peaks.get(name), config, step)
-    return out
-
-
-def _safe_spectra(ws: list[Tensor], compute_dtype: torch.dtype | None) -> list[Spectrum | None]:
-    try:
-        return spectra(ws, compute_dtype=compute_dtype)
-    except (RuntimeError, ValueError):  # eigensolver failure in a batch: retry layer by layer
-        res: list[Spectrum | None] = []
-        for w in ws:
-            try:
-                res.append(spectra([w], compute_dtype=compute_dtype)[0])
-            except (RuntimeError, ValueError) as err:
-                logger.warning("S2D: spectrum failed for a %s weight: %s", tuple(w.shape), err)
-                res.append(None)
-        return res
-
-
-def _refresh_layer(name: str, w: Tensor, spec: Spectrum | None, peak: ActivationPeak | None,
-                   config: S2DConfig, step: int) -> LayerRefresh:
-    shape = (int(w.shape[0]), int(w.shape[1]))
-    value = float(peak.max_abs) if peak is not None else math.nan
-    if spec is None:
-        return LayerRefresh(name, None, _nan_stats(name, shape, step, "spectrum failed", value))
-    pcdr: list[float] = []
-    k: int | None = min(config.k_max, spec.rank)
-    reason = None
-    if peak is not None:
-        curve = pcdr_curve(w, peak.x, int(peak.neuron), spec=spec)
-        pcdr = [float(c) for c in curve[: config.k_max]]
-        if config.selection == "pcdr":
-            # PCDR_rank is 1 for any activation: only a proper subspace (k < rank) can single out an outlier
-            k = select_rank(curve, config.tau, min(config.k_max, spec.rank - 1)) if spec.rank > 1 else None
-    elif config.selection == "pcdr":
-        k, reason = None, "no activation captured"
-    factors = top_k(spec, k) if k is not None and config.strength > 0 else None
-    if factors is not None and not _penalty_finite(factors, config, w.dtype):
-        factors, k, reason = None, None, "penalty overflows the weight dtype"
-    stats = LayerStats(name, shape, float(spec.S[0]), pcdr, k, value, reason is not None, reason, step)
-    return LayerRefresh(name, factors, stats)
-
-
-def _penalty_finite(f: Spectrum, config: S2DConfig, dtype: torch.dtype) -> bool:
-    """||G||_2 = strength·σ_1^power bounds every entry of G; it must fit the weight dtype."""
-    bound = config.strength * float(f.S[0]) ** config.power
-    return math.isfinite(bound) and bound < torch.finfo(dtype).max / 4
-
-
-def find_targets(model: nn.Module, include: Include = None) -> dict[str, nn.Module]:
-    """Modules S2D acts on: every nn.Linear (include=None) or the 2-D-weight modules ``include`` accepts.
-
-    Modules whose weight does not require grad are left out; a weight shared by several modules is
-    targeted once (under its first name).
-    """
-    seen: set[int] = set()
-    out: dict[str, nn.Module] = {}
-    for name, m in model.named_modules():
-        w = getattr(m, "weight", None)
-        if not isinstance(w, nn.Parameter) or w.dim() != 2 or not w.requires_grad or id(w) in seen:
-            continue
-        if include is None:
-            ok = isinstance(m, nn.Linear)
-        elif callable(include):
-            ok = bool(include(name, m))
-        else:
-            ok = any(fnmatch.fnmatchcase(name, p) for p in include)
-        if ok:
-            seen.add(id(w))
-            out[name] = m
-    return out
+__all__ = ["SelectiveSpectralDecay"]
 
 
 class SelectiveSpectralDecay:
@@ -328,7 +89,7 @@ class SelectiveSpectralDecay:
         logger.info("S2D attached to %d layers (%s)", len(self.targets), config)
 
     # ------------------------------------------------------------------ capture
-    def _make_hook(self, name: str) -> Callable:
+    def _make_hook(self, name: str) -> Callable[[nn.Module, tuple, object], None]:
         def hook(module: nn.Module, args: tuple, output: object) -> None:
             if not self._armed or not torch.is_grad_enabled():
                 return
@@ -431,7 +192,7 @@ class SelectiveSpectralDecay:
         self._before_update()
         return None
 
-    def _wrap_closure(self, closure: Callable) -> Callable:
+    def _wrap_closure(self, closure: Callable[[], object]) -> Callable[[], object]:
         calls = 0
 
         def wrapped():  # LBFGS-style optimizers may call it several times: refresh once, penalise each time

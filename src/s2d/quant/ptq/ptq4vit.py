@@ -29,50 +29,52 @@ activation) while ``twin_gelu`` is on, and outputs without ``.logits`` (the KL n
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 from tqdm.auto import tqdm
 
-from s2d.quant._ptq_common import (
-    TokenCapture, eval_mode, forward_batches, linear_groups, sub_batches, subsample, take_samples,
+from s2d.models import BlockInfo
+from s2d.quant.api import register_method
+from s2d.quant.calibration import calibrate
+from s2d.quant.config import QuantConfig
+from s2d.quant.linear import QuantLinear
+from s2d.quant.nonuniform import TwinUniformQuantizer
+from s2d.quant.prepare import set_quantization
+from s2d.quant.ptq.common import (
+    LinearGroup, TokenCapture, forward_batches, linear_groups, require_blocks, sub_batches, subsample,
+    take_samples, token_rows,
 )
-from s2d.quant.apply import QuantLinear, QuantSpec, calibrate, register_method, set_quantization
-from s2d.quant.quantizers import Quantizer, TwinUniformQuantizer, UniformQuantizer
+from s2d.quant.ptq.ptq4vit_math import chunk_size, search_scale, sym_fq, twin_gelu_fq, twin_softmax_fq
+from s2d.quant.quantizers import Quantizer, UniformQuantizer
+from s2d.utils import eval_mode, to_device
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PTQ4ViTConfig", "ptq4vit", "search_scale", "sym_fq", "twin_gelu_fq", "twin_softmax_fq"]
+__all__ = ["PTQ4ViTConfig", "ptq4vit", "check_supported"]
 
 
 @dataclass(frozen=True)
 class PTQ4ViTConfig:
-    """PTQ4ViT hyperparameters (paper defaults).
+    """PTQ4ViT hyperparameters (paper defaults). Scale candidates: Δ·(α + i(β−α)/n), i = 0..n."""
 
-    alpha, beta, n_candidates: scale candidates Δ·(α + i(β−α)/n), i = 0..n (0 < α < β).
-    rounds: alternating weight/activation search rounds. sub_batch: samples per backward pass.
-    twin_softmax / twin_gelu: twin-uniform quantizers (False: plain uniform, an ablation).
-    hessian: weight the output error by g (False: plain output MSE, an ablation).
-    per_head: one scale per attention head for q, k, v. softmax_k_max: threshold 2^-k, k <= this.
-    num_samples: calibration samples used; max_tokens: token rows per layer in the search; seed.
-    """
-
-    alpha: float = 0.01
-    beta: float = 1.2
-    n_candidates: int = 100
-    rounds: int = 3
-    sub_batch: int = 4
-    twin_softmax: bool = True
-    twin_gelu: bool = True
-    hessian: bool = True
-    per_head: bool = True
-    softmax_k_max: int = 19
-    num_samples: int = 32
-    max_tokens: int | None = 2048
-    seed: int = 0
+    alpha: float = 0.01            # smallest candidate factor α, 0 < α < β
+    beta: float = 1.2              # largest candidate factor β
+    n_candidates: int = 100        # n: n + 1 candidates per search, >= 1
+    rounds: int = 3                # alternating weight / activation search rounds, >= 1
+    sub_batch: int = 4             # samples per backward pass of the KL, >= 1
+    twin_softmax: bool = True      # twin-uniform post-softmax quantizer (False: plain uniform, an ablation)
+    twin_gelu: bool = True         # twin-uniform post-GELU quantizer (False: plain uniform, an ablation)
+    hessian: bool = True           # weight the output error by g = ∂KL/∂O (False: plain output MSE, an ablation)
+    per_head: bool = True          # one scale per attention head for q, k, v (False: per tensor)
+    softmax_k_max: int = 19        # softmax threshold candidates 2^-k, k = 0..softmax_k_max, >= 0
+    num_samples: int = 32          # calibration samples used (the first ones of calib), >= 1
+    max_tokens: int | None = 2048  # token rows per layer in the search (random subset), None or >= 16
+    seed: int = 0                  # seed of that subsampling
 
     def __post_init__(self) -> None:
         if not 0 < self.alpha < self.beta:
@@ -85,52 +87,9 @@ class PTQ4ViTConfig:
             raise ValueError(f"PTQ4ViTConfig.max_tokens must be None or >= 16, got {self.max_tokens!r}")
 
     def factors(self) -> list[float]:
+        """The candidate factors α + i(β−α)/n, i = 0..n."""
         n = self.n_candidates
         return [self.alpha + i * (self.beta - self.alpha) / n for i in range(n + 1)]
-
-
-def search_scale(objective: Callable[[Tensor], Tensor], init: Tensor, current: Tensor,
-                 factors: Iterable[float], chunk: int = 16) -> tuple[Tensor, Tensor]:
-    """Elementwise best of ``current`` and the candidates ``init · f`` under ``objective``.
-
-    objective(cands) maps a stack of candidate scales (K, *init.shape) to their objectives (K, *init.shape)
-    (elements are searched independently, e.g. one per head or per q/k/v block); it is called on chunks
-    of at most ``chunk`` candidates. ``current`` is candidate 0 and ties keep the earliest candidate, so
-    the result is never worse than ``current``. Returns (best scale, best objective).
-    """
-    cands = torch.stack([current.reshape(init.shape).to(init)] + [init * f for f in factors])
-    objs = torch.cat([objective(cands[i:i + chunk]) for i in range(0, cands.shape[0], max(chunk, 1))])
-    idx = objs.argmin(0, keepdim=True)  # first minimum: current wins ties
-    return cands.gather(0, idx).squeeze(0), objs.gather(0, idx).squeeze(0)
-
-
-def _chunk(numel: int, budget: int = 1 << 24) -> int:
-    """Candidates per chunk so that one chunk's tensors hold about ``budget`` elements."""
-    return max(1, budget // max(numel, 1))
-
-
-# ----------------------------------------------------------------------------- batched fake quant
-# The search evaluates many candidate steps at once; these are the quantizers' formulas with a leading
-# candidate dimension (tests check them against the Quantizer modules).
-
-def sym_fq(x: Tensor, step: Tensor, qmax: int) -> Tensor:
-    """Symmetric uniform fake quant: clamp(round(x/Δ), −qmax, qmax)·Δ; step broadcasts against x."""
-    return torch.clamp(torch.round(x / step), -qmax, qmax) * step
-
-
-def twin_gelu_fq(x: Tensor, neg_step: Tensor, pos_step: Tensor, levels: int) -> Tensor:
-    """Twin uniform, gelu mode: negatives on neg_step, positives on pos_step, 2^(b−1) codes each."""
-    neg = torch.clamp(torch.round(x / neg_step), -(levels - 1), 0) * neg_step
-    pos = torch.clamp(torch.round(x / pos_step), 0, levels - 1) * pos_step
-    return torch.where(x < 0, neg, pos)
-
-
-def twin_softmax_fq(x: Tensor, threshold: Tensor, levels: int) -> Tensor:
-    """Twin uniform, softmax mode: [0, s) with step s/2^(b−1), [s, 1] with step 2^−(b−1)."""
-    fine_step = threshold / levels
-    fine = torch.clamp(torch.round(x / fine_step), 0, levels - 1) * fine_step
-    coarse = torch.clamp(torch.round(x * levels), 0, levels - 1) / levels
-    return torch.where(x < threshold, fine, coarse)
 
 
 # ----------------------------------------------------------------------------- quantizer parameters
@@ -161,7 +120,7 @@ def _weight_groups(lin: QuantLinear, role: str) -> int:
     return 3 if role == "qkv" and lin.out_features % 3 == 0 else 1
 
 
-def _install_quantizers(model: nn.Module, spec: QuantSpec, groups, cfg: PTQ4ViTConfig) -> None:
+def _install_quantizers(model: nn.Module, spec: QuantConfig, groups: list[LinearGroup], cfg: PTQ4ViTConfig) -> None:
     mods = dict(model.named_modules())
     fc2 = {n for g in groups if g.role == "fc2" for n in g.names}
     for g in groups:
@@ -184,7 +143,7 @@ def _install_quantizers(model: nn.Module, spec: QuantSpec, groups, cfg: PTQ4ViTC
 
 
 @torch.no_grad()
-def _init_scales(model: nn.Module, groups) -> None:
+def _init_scales(model: nn.Module, groups: list[LinearGroup]) -> None:
     """Δ = max|x| / (2^(b−1) − 0.5) for symmetric uniform quantizers (after a min-max calibration)."""
     mods = dict(model.named_modules())
     for q in mods.values():
@@ -223,7 +182,7 @@ def _search_linear(lin: QuantLinear, n_groups: int, x: Tensor, g: Tensor | None,
     wq, aq = lin.weight_quantizer, lin.input_quantizer
     m, per = w.shape[0], w.shape[0] // n_groups
     wg = w.reshape(n_groups, per, -1)
-    chunk = _chunk(x.shape[0] * max(w.shape))
+    chunk = chunk_size(x.shape[0] * max(w.shape))
 
     def dist(o_q: Tensor) -> Tensor:  # (K, N, m) -> (K, m)
         d = o_fp[None] - o_q
@@ -267,7 +226,7 @@ def _search_attn_quantizer(q: Quantizer, x: Tensor, g: Tensor | None, cfg: PTQ4V
             return d.pow(2).mean(1, keepdim=True)
 
         cands = [2.0 ** -k for k in range(cfg.softmax_k_max + 1)]
-        best, _ = search_scale(obj, torch.ones(1), _get_param(q), cands, _chunk(xf.numel()))
+        best, _ = search_scale(obj, torch.ones(1), _get_param(q), cands, chunk_size(xf.numel()))
         _set_param(q, best)
         return
     if not q.symmetric:  # uniform probs (twin_softmax=False): keep the min-max range
@@ -282,7 +241,7 @@ def _search_attn_quantizer(q: Quantizer, x: Tensor, g: Tensor | None, cfg: PTQ4V
         return d.pow(2).mean(2)
 
     init = _get_param(q)
-    best, _ = search_scale(obj, init, init, cfg.factors(), _chunk(xh.numel()))
+    best, _ = search_scale(obj, init, init, cfg.factors(), chunk_size(xh.numel()))
     _set_sym(q, best)
 
 
@@ -292,7 +251,9 @@ def _kl(logits_q: Tensor, logits_fp: Tensor) -> Tensor:
                     log_target=True, reduction="sum")
 
 
-def _block_targets(model, groups, infos, block):
+def _block_targets(model: nn.Module, groups: list[LinearGroup], infos: list[BlockInfo],
+                   block: int | None) -> tuple[dict[str, QuantLinear], dict[str, Quantizer]]:
+    """The block's QuantLinears and attention quantizers ("attn.q", ...) by name."""
     mods = dict(model.named_modules())
     lin = {n: mods[n] for g in groups if g.block == block for n in g.names if isinstance(mods[n], QuantLinear)}
     attn = {}
@@ -303,13 +264,15 @@ def _block_targets(model, groups, infos, block):
     return lin, attn
 
 
-def _record_block(model, lin, attn, batches, logits_fp, cfg):
-    """Float inputs of the block's Linears / attention quantizers and KL gradients at their outputs."""
+def _record_block(model: nn.Module, lin: dict[str, QuantLinear], attn: dict[str, Quantizer], batches: list[dict],
+                  logits_fp: list[Tensor]) -> tuple[TokenCapture, dict[str, list[Tensor]], dict[str, list[Tensor]]]:
+    """Float inputs of the block's Linears (token rows) / attention quantizers (as recorded) and the KL
+    gradients at their outputs, per batch."""
     set_quantization(model, False)
     xs_lin = TokenCapture(lin)
-    xs_attn = {n: [] for n in attn}
-    handles = [m.register_forward_pre_hook(lambda mod, a, n=n: xs_attn[n].append(a[0].detach()))
-               for n, m in attn.items()]
+    xs_attn: dict[str, list[Tensor]] = {n: [] for n in attn}
+    handles: list[RemovableHandle] = [
+        m.register_forward_pre_hook(lambda mod, a, n=n: xs_attn[n].append(a[0].detach())) for n, m in attn.items()]
     try:
         for _ in forward_batches(model, batches, xs_lin):
             pass
@@ -318,26 +281,26 @@ def _record_block(model, lin, attn, batches, logits_fp, cfg):
         for h in handles:
             h.remove()
     set_quantization(model, True)
-    grads = {n: [] for n in (*lin, *attn)}
+    grads: dict[str, list[Tensor]] = {n: [] for n in (*lin, *attn)}
     outs: dict[str, Tensor] = {}
 
-    def keep(name):
-        def hook(mod, args, out):
+    def keep(name: str) -> Callable:
+        def hook(mod: nn.Module, args: tuple, out: Tensor) -> Tensor:
             out = out if out.requires_grad else out.detach().requires_grad_(True)
             outs[name] = out
             return out
         return hook
 
     handles = [m.register_forward_hook(keep(n)) for n, m in {**lin, **attn}.items()]
-    cap = TokenCapture({})
     try:
         for i, (batch, out) in enumerate(forward_batches(model, batches, grad=True)):
-            cap.mask = batch.get("attention_mask")
             names = list(outs)
-            gs = torch.autograd.grad(_kl(_logits(out, model), logits_fp[i]), [outs[n] for n in names], allow_unused=True)
+            loss = _kl(_logits(out, model), logits_fp[i])
+            gs = torch.autograd.grad(loss, [outs[n] for n in names], allow_unused=True)
             for n, gr in zip(names, gs):
                 gr = torch.zeros_like(outs[n]) if gr is None else gr
-                grads[n].append(cap.rows(gr, None).float() if n in lin else gr.detach().float())
+                grads[n].append(token_rows(gr, batch.get("attention_mask")).float() if n in lin
+                                else gr.detach().float())
             outs.clear()
     finally:
         for h in handles:
@@ -345,11 +308,13 @@ def _record_block(model, lin, attn, batches, logits_fp, cfg):
     return xs_lin, xs_attn, grads
 
 
-def _search_block(model, groups, infos, block, batches, logits_fp, cfg, gen) -> None:
+def _search_block(model: nn.Module, groups: list[LinearGroup], infos: list[BlockInfo], block: int | None,
+                  batches: list[dict], logits_fp: list[Tensor], cfg: PTQ4ViTConfig, gen: torch.Generator) -> None:
+    """Record one block (``None``: the Linears outside blocks) and search all its scales."""
     lin, attn = _block_targets(model, groups, infos, block)
     if not lin and not attn:
         return
-    xs_lin, xs_attn, grads = _record_block(model, lin, attn, batches, logits_fp, cfg)
+    xs_lin, xs_attn, grads = _record_block(model, lin, attn, batches, logits_fp)
     roles = {n: g.role for g in groups if g.block == block for n in g.names}
     for n, mod in lin.items():
         x, g = xs_lin.cat(n), torch.cat(grads[n])
@@ -361,7 +326,7 @@ def _search_block(model, groups, infos, block, batches, logits_fp, cfg, gen) -> 
         _search_attn_quantizer(q, x, g if cfg.hessian else None, cfg)
 
 
-def check_supported(model: nn.Module, infos, cfg: PTQ4ViTConfig) -> None:
+def check_supported(model: nn.Module, infos: list[BlockInfo], cfg: PTQ4ViTConfig) -> None:
     """ValueError for structures PTQ4ViT's quantizers assume away: the twin-uniform "gelu" quantizer
     needs the fc2 input to be a GELU output, which a gated MLP (SwiGLU / gate+up) does not produce."""
     if not cfg.twin_gelu:
@@ -384,21 +349,17 @@ def _logits(out: object, model: nn.Module) -> Tensor:
     return logits
 
 
-@register_method("ptq4vit")
-def ptq4vit(model: nn.Module, spec: QuantSpec, calib: Iterable[dict] | None,
-            config: PTQ4ViTConfig | None = None, progress: bool = True) -> None:
+@register_method("ptq4vit", PTQ4ViTConfig)
+def ptq4vit(model: nn.Module, spec: QuantConfig, calib: Iterable[dict] | None,
+            cfg: PTQ4ViTConfig = PTQ4ViTConfig(), progress: bool = True) -> None:
     """``quantize_model(model, spec, method="ptq4vit", calib=batches, config=PTQ4ViTConfig())``."""
-    cfg = config or PTQ4ViTConfig()
     if calib is None:
         raise ValueError("ptq4vit: calib batches are required, got None")
-    groups = linear_groups(model)
-    from s2d.models import blocks
-
-    infos = blocks(model)
+    infos = require_blocks(model)
+    groups = linear_groups(model, infos)
     check_supported(model, infos, cfg)
     device = next(model.parameters()).device
-    batches = [{k: v.to(device) if isinstance(v, Tensor) else v for k, v in b.items()}
-               for b in sub_batches(take_samples(calib, cfg.num_samples), cfg.sub_batch)]
+    batches = [to_device(b, device) for b in sub_batches(take_samples(calib, cfg.num_samples), cfg.sub_batch)]
     gen = torch.Generator().manual_seed(cfg.seed)
     _install_quantizers(model, spec, groups, cfg)
     with eval_mode(model):

@@ -12,10 +12,11 @@ current one are already quantized when its activations are recorded):
    explicit input transform of the consuming Linears (``ChannelAffineInput``) and r, s are folded into
    their weights and bias — see ``s2d.quant.reparam`` for the exact maths and why.
 3. Other Linear inputs (out-proj, fc2, head) and q, k, v: per-tensor asymmetric uniform with the same
-   quantile/MSE search (RepQ-ViT activations are asymmetric whatever ``spec.a_symmetric`` says). Post-softmax probabilities: log-√2 quantizer (Δ by MSE).
+   quantile/MSE search (RepQ-ViT activations are asymmetric whatever ``spec.a_symmetric`` says).
+   Post-softmax probabilities: log-√2 quantizer (Δ by MSE).
 4. Weights (after reparameterisation): uniform per output channel with the quantile/MSE search, with
-   the spec's symmetry (RepQ-ViT's code uses asymmetric weights; pass ``QuantSpec(w_symmetric=False)``
-   for that).
+   the QuantConfig's symmetry (RepQ-ViT's code uses asymmetric weights; pass
+   ``QuantConfig(w_symmetric=False)`` for that).
 
 The reparameterisation is exact for the float model, so no extra calibration pass is needed after it
 (the per-tensor range is the one implied by the per-channel ranges). No reconstruction.
@@ -23,19 +24,24 @@ The reparameterisation is exact for the float model, so no extra calibration pas
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from s2d.quant._ptq_common import (
-    capture_inputs, eval_mode, linear_groups, quantile_mse_range, take_samples,
+from s2d.models import BlockInfo
+from s2d.quant.api import register_method
+from s2d.quant.config import QuantConfig
+from s2d.quant.linear import QuantLinear
+from s2d.quant.nonuniform import LogSqrt2Quantizer
+from s2d.quant.ptq.common import (
+    LinearGroup, capture_inputs, linear_groups, quantile_mse_range, require_blocks, take_samples,
 )
-from s2d.quant.apply import QuantLinear, QuantSpec, register_method
-from s2d.quant.quantizers import LogSqrt2Quantizer, Quantizer, UniformQuantizer
+from s2d.quant.quantizers import Quantizer, UniformQuantizer
 from s2d.quant.reparam import ChannelAffineInput, channel_affine_from_ranges, fold_into_linear, fold_into_norm
+from s2d.utils import eval_mode, to_device
 
 logger = logging.getLogger(__name__)
 
@@ -44,21 +50,13 @@ __all__ = ["RepQConfig", "repq", "repq_calibrate", "input_quantizer", "set_weigh
 
 @dataclass(frozen=True)
 class RepQConfig:
-    """RepQ-ViT hyperparameters (paper / public-code defaults).
+    """RepQ-ViT hyperparameters (paper / public-code defaults)."""
 
-    quantiles: clipping candidates p (1.0 = min-max) for every uniform range search.
-    reparam: apply the per-channel -> per-tensor reparameterisation to post-LN activations (False:
-        plain per-tensor search, an ablation).
-    num_samples: calibration samples used (the first ones of ``calib``).
-    max_tokens: token rows kept per recorded activation (random subset; bounds memory and time).
-    seed: seed of that subsampling.
-    """
-
-    quantiles: tuple[float, ...] = (1.0, 0.99999, 0.9999, 0.999)
-    reparam: bool = True
-    num_samples: int = 32
-    max_tokens: int | None = 16384
-    seed: int = 0
+    quantiles: tuple[float, ...] = (1.0, 0.99999, 0.9999, 0.999)  # clipping candidates p in (0.5, 1], 1.0 = min-max
+    reparam: bool = True            # per-channel -> per-tensor reparameterisation of post-LN inputs (False: ablation)
+    num_samples: int = 32           # calibration samples used (the first ones of calib), >= 1
+    max_tokens: int | None = 16384  # token rows kept per recorded activation (random subset), None or >= 16
+    seed: int = 0                   # seed of that subsampling
 
     def __post_init__(self) -> None:
         if not self.quantiles or not all(0.5 < p <= 1.0 for p in self.quantiles):
@@ -76,7 +74,7 @@ def input_quantizer(lin: QuantLinear) -> Quantizer:
     return iq.quantizer if isinstance(iq, ChannelAffineInput) else iq
 
 
-def _install_quantizers(model: nn.Module, spec: QuantSpec) -> None:
+def _install_quantizers(model: nn.Module, spec: QuantConfig) -> None:
     """RepQ-ViT quantizers (activations always asymmetric), all disabled until their block is calibrated."""
     for m in model.modules():
         if isinstance(m, QuantLinear):
@@ -129,8 +127,8 @@ def _reparam_group(model: nn.Module, lins: list[QuantLinear], x: Tensor, norm_na
     return "norm" if foldable else "linear-input"
 
 
-def _calibrate_group_set(model: nn.Module, groups, infos, block: int | None, batches: list[dict],
-                         cfg: RepQConfig, gen: torch.Generator, weights: bool) -> None:
+def _calibrate_group_set(model: nn.Module, groups: list[LinearGroup], infos: list[BlockInfo], block: int | None,
+                         batches: list[dict], cfg: RepQConfig, gen: torch.Generator, weights: bool) -> None:
     """Calibrate every activation quantizer of one block (or of the Linears outside blocks)."""
     mods = dict(model.named_modules())
     lin_groups = [g for g in groups if g.block == block]
@@ -169,19 +167,16 @@ def _calibrate_group_set(model: nn.Module, groups, infos, block: int | None, bat
         attn.probs.enabled = True
 
 
-def repq_calibrate(model: nn.Module, spec: QuantSpec, calib: Iterable[dict], config: RepQConfig,
+def repq_calibrate(model: nn.Module, spec: QuantConfig, calib: Iterable[dict] | None, config: RepQConfig,
                    progress: bool = True, weights: bool = True) -> list[dict]:
     """RepQ-ViT calibration of a prepared model, block by block. ``weights=False`` leaves the weight
     quantizers disabled (ERQ's first step). Returns the calibration batches actually used."""
     if calib is None:
         raise ValueError("repq: calib batches are required, got None")
-    groups = linear_groups(model)
-    from s2d.models import blocks
-
-    infos = blocks(model)
+    infos = require_blocks(model)
+    groups = linear_groups(model, infos)
     device = next(model.parameters()).device
-    batches = [{k: v.to(device) if isinstance(v, Tensor) else v for k, v in b.items()}
-               for b in take_samples(calib, config.num_samples)]
+    batches = [to_device(b, device) for b in take_samples(calib, config.num_samples)]
     gen = torch.Generator().manual_seed(config.seed)
     _install_quantizers(model, spec)
     steps = list(range(len(infos))) + [None]
@@ -191,9 +186,9 @@ def repq_calibrate(model: nn.Module, spec: QuantSpec, calib: Iterable[dict], con
     return batches
 
 
-@register_method("repq")
-def repq(model: nn.Module, spec: QuantSpec, calib: Iterable[dict] | None, config: RepQConfig | None = None,
+@register_method("repq", RepQConfig)
+def repq(model: nn.Module, spec: QuantConfig, calib: Iterable[dict] | None, config: RepQConfig = RepQConfig(),
          progress: bool = True) -> None:
     """``quantize_model(model, spec, method="repq", calib=batches, config=RepQConfig())``."""
-    repq_calibrate(model, spec, calib, config or RepQConfig(), progress)
+    repq_calibrate(model, spec, calib, config, progress)
 

@@ -1,0 +1,144 @@
+"""The `s2d run` config as frozen, validated dataclasses (parsed from TOML by :mod:`s2d.pipeline.parse`)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field, replace
+
+from s2d.quant import Bits, QuantConfig
+from s2d.quant.api import method_config
+from s2d.regularizer import S2DConfig
+from s2d.train import TrainConfig
+
+__all__ = ["ARM_KINDS", "SWEEP_KEYS", "SECTIONS", "DATA_FORMATS", "ModelConfig", "DataConfig", "ArmConfig",
+           "QuantGridConfig", "ProbeConfig", "ExperimentConfig", "check_int", "check_str", "scale_interval"]
+
+ARM_KINDS = ("adamw", "adamw+s2d", "muon", "muon+s2d", "adamw+s2d-all", "qat", "qat+s2d")
+SWEEP_KEYS = ("strength", "interval", "k_max", "tau", "power", "update")
+SECTIONS = ("name", "seed", "model", "data", "train", "s2d", "arms", "sweep", "quant", "probes", "quick")
+DATA_FORMATS = ("csv", "jsonl", "imagefolder", "npz")
+
+
+def check_str(name: str, value: object) -> None:
+    """ValueError naming ``name`` unless ``value`` is a non-empty string."""
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{name} must be a non-empty string, got {value!r}")
+
+
+def check_int(name: str, value: object, low: int) -> None:
+    """ValueError naming ``name`` unless ``value`` is None or an integer >= ``low``."""
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which pretrained model to fine-tune."""
+    name: str                          # an s2d asset name, a local Hugging Face directory, or a hub id
+    image_size: int | None = None      # input resolution in pixels (image models; None: the model's own)
+
+    def __post_init__(self) -> None:
+        check_str("model.name", self.name)
+        check_int("model.image_size", self.image_size, 1)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The dataset and how much of it is used."""
+    dataset: str                       # asset name or path (CSV/JSONL, image folder, .npz)
+    format: str | None = None          # one of DATA_FORMATS (None: from the path)
+    text_column: str = "text"          # CSV/JSONL text column
+    label_column: str = "label"        # CSV/JSONL label column
+    max_length: int = 128              # tokens per text example
+    image_size: int | None = None      # image resize in pixels (None: the model's)
+    limit_train: int | None = None     # stratified subset of the train split, examples (None: all)
+    limit_eval: int | None = None      # the same for the val and test splits
+    calib_samples: int = 32            # training examples used to calibrate PTQ / QAT
+
+    def __post_init__(self) -> None:
+        check_str("data.dataset", self.dataset)
+        for key in ("max_length", "image_size", "limit_train", "limit_eval", "calib_samples"):
+            check_int(f"data.{key}", getattr(self, key), 1)
+        if self.format not in (None, *DATA_FORMATS):
+            raise ValueError(f"data.format must be one of {', '.join(DATA_FORMATS)}, got {self.format!r}")
+        check_str("data.text_column", self.text_column)
+        check_str("data.label_column", self.label_column)
+
+
+@dataclass(frozen=True)
+class ArmConfig:
+    """One training arm."""
+    name: str                          # unique name, e.g. "adamw+s2d" or "qat@W4A4"
+    kind: str                          # one of ARM_KINDS, or "sweep"
+    optimizer: str                     # "adamw" or "muon"
+    s2d_config: S2DConfig | None = None  # S2D for this arm (None: off)
+    qat_bits: Bits | None = None       # QAT at these bits (None: float training)
+
+
+@dataclass(frozen=True)
+class QuantGridConfig:
+    """The PTQ grid: bit settings x methods, and how each method is configured."""
+    bits: tuple[Bits, ...] = (Bits(8, 8), Bits(6, 6), Bits(5, 5), Bits(4, 4), Bits(3, 4))  # settings, all methods
+    methods: tuple[str, ...] = ("all",)   # PTQ method names ("all": every registered one)
+    spec: dict = field(default_factory=dict)     # extra QuantConfig fields ([quant.spec]: a_range, ...)
+    config: dict = field(default_factory=dict)   # method -> overrides of its config dataclass ([quant.config])
+    method_bits: dict = field(default_factory=dict)  # method -> the settings it runs at (default: bits)
+
+    def runs(self, method: str, bits: Bits) -> bool:
+        """Whether the grid has a cell for ``method`` at ``bits``."""
+        return bits in self.method_bits.get(method, self.bits)
+
+    def quant_config(self, bits: Bits) -> QuantConfig:
+        """The QuantConfig of one cell."""
+        return QuantConfig(w_bits=bits.w, a_bits=bits.a, **self.spec)
+
+    def method_config(self, method: str) -> object:
+        """The method's config dataclass with this grid's overrides (paper defaults otherwise)."""
+        return method_config(method, self.config.get(method, {}))
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """The probes run on every trained arm."""
+    batches: int = 2                   # test batches the per-layer table and violins are computed on
+    sample_size: int = 2048            # activation values kept per FFN layer for the violins
+
+    def __post_init__(self) -> None:
+        check_int("probes.batches", self.batches, 1)
+        check_int("probes.sample_size", self.sample_size, 1)
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """A fully validated `s2d run` config."""
+    name: str                          # names the run directory
+    seed: int                          # data order, head initialisation, calibration choice
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig
+    s2d_config: S2DConfig              # base for the S2D arms
+    min_refreshes: int                 # the S2D interval shrinks so that a run refreshes this often
+    arms: tuple[ArmConfig, ...]
+    quant: QuantGridConfig
+    probes: ProbeConfig
+    raw: dict                          # the merged TOML dict (what the fingerprint is taken of)
+
+    def fingerprint(self) -> str:
+        """sha256 of the canonical merged config; a run directory belongs to exactly one."""
+        return hashlib.sha256(json.dumps(self.raw, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def scale_interval(s2d_config: S2DConfig, total_steps: int, min_refreshes: int) -> tuple[S2DConfig, str | None]:
+    """Shrink S2D's refresh interval so a run of ``total_steps`` refreshes >= ``min_refreshes`` times.
+
+    Returns (config, note); note explains the change (None when the interval is kept).
+    """
+    interval = s2d_config.interval
+    if min_refreshes <= 0 or math.ceil(total_steps / interval) >= min_refreshes:
+        return s2d_config, None
+    new = max(1, total_steps // min_refreshes)
+    note = (f"S2D interval scaled {interval} -> {new}: a {total_steps}-step run would refresh only "
+            f"{math.ceil(total_steps / interval)} time(s) at interval {interval}; "
+            f"min_refreshes = {min_refreshes}")
+    return replace(s2d_config, interval=new), note

@@ -1,0 +1,71 @@
+"""S2D hyperparameters: :class:`S2DConfig` (paper section 4, Algorithm 1). Depends on nothing but torch."""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from torch import nn
+
+__all__ = ["S2DConfig", "Include", "SELECTIONS", "UPDATES"]
+
+# Which modules S2D targets: None = every nn.Linear; a predicate (name, module) -> bool; fnmatch patterns.
+Include = Callable[[str, nn.Module], bool] | Sequence[str] | None
+SELECTIONS = ("pcdr", "all")
+UPDATES = ("coupled", "decoupled")
+
+
+@dataclass(frozen=True)
+class S2DConfig:
+    """S2D hyperparameters; the defaults are the paper's (λ=5e-4, n=2, τ=0.95, K_max=3, every 100 steps).
+
+    The penalty on a selected layer is G = strength · U_k diag(σ_k^power) V_kᵀ, the gradient of
+    strength/(power+1) Σ_{r<=k} σ_r^(power+1).
+    """
+
+    strength: float = 5e-4      # λ >= 0: scale of the penalty
+    power: float = 2.0          # n > 0: the penalty acts on σ^(n+1)
+    tau: float = 0.95           # PCDR threshold in (0, 1]: k_target = smallest k with PCDR_k >= tau
+    k_max: int = 3              # most singular directions penalised per layer, >= 1
+    interval: int = 100         # optimizer steps between refreshes (spectrum + selection), >= 1
+    selection: str = "pcdr"     # "pcdr" (paper) or "all" (ablation: top k_max of every layer)
+    update: str = "coupled"     # "coupled": G added to the gradient; "decoupled": W -= lr·G after the step
+    include: Include = None     # target modules (see ``Include``), over modules with a 2-D ``weight``
+    async_lead: int = 0         # start each refresh but the first this many steps early, in the
+    #                             background (0 = synchronous; 0 <= async_lead < interval)
+
+    def __post_init__(self) -> None:
+        def bad(field: str, allowed: str) -> ValueError:
+            return ValueError(f"S2DConfig.{field} must be {allowed}, got {getattr(self, field)!r}")
+
+        if not _real(self.strength) or not (math.isfinite(self.strength) and self.strength >= 0):
+            raise bad("strength", "a finite number >= 0")
+        if not _real(self.power) or not (math.isfinite(self.power) and self.power > 0):
+            raise bad("power", "a finite number > 0")
+        if not _real(self.tau) or not 0 < self.tau <= 1:
+            raise bad("tau", "in (0, 1]")
+        if not _int(self.k_max) or self.k_max < 1:
+            raise bad("k_max", "an integer >= 1")
+        if not _int(self.interval) or self.interval < 1:
+            raise bad("interval", "an integer >= 1")
+        if not _int(self.async_lead) or not 0 <= self.async_lead < self.interval:
+            raise bad("async_lead", f"an integer in [0, interval={self.interval})")
+        if self.selection not in SELECTIONS:
+            raise bad("selection", "one of 'pcdr', 'all'")
+        if self.update not in UPDATES:
+            raise bad("update", "one of 'coupled', 'decoupled'")
+        inc = self.include
+        if isinstance(inc, str):
+            object.__setattr__(self, "include", (inc,))
+        elif inc is not None and not callable(inc):
+            if not all(isinstance(p, str) for p in inc):
+                raise bad("include", "None, a callable (name, module) -> bool, or a sequence of fnmatch patterns")
+            object.__setattr__(self, "include", tuple(inc))
+
+
+def _real(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)

@@ -1,0 +1,13 @@
+"""Fine-tuning: config, optimizers, checkpoints, evaluation and the loop, imports flowing down this list.
+
+* :mod:`~s2d.train.config` — :class:`TrainConfig`;
+* :mod:`~s2d.train.optim` — AdamW / Muon and the LR schedule;
+* :mod:`~s2d.train.checkpoint` — atomic, resumable checkpoints;
+* :mod:`~s2d.train.evaluate` — accuracy and the activation probe;
+* :mod:`~s2d.train.loop` — :func:`finetune` (with optional S2D and QAT) -> :class:`TrainResult`.
+"""
+from s2d.train.config import TrainConfig
+from s2d.train.evaluate import evaluate
+from s2d.train.loop import TrainResult, finetune
+
+__all__ = ["TrainConfig", "TrainResult", "evaluate", "finetune"]

@@ -1,0 +1,56 @@
+"""Evaluation during and after fine-tuning: top-1 accuracy and the activation probe."""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from s2d.utils import eval_mode, to_device
+
+__all__ = ["evaluate", "probe_max_abs"]
+
+
+@torch.no_grad()
+def probe_max_abs(model: nn.Module, batch: Mapping[str, torch.Tensor],
+                  modules: Mapping[str, nn.Module]) -> dict[str, float]:
+    """max |output| of each module on one forward of ``batch`` (eval mode, no grad)."""
+    out: dict[str, float] = {}
+    handles = []
+    for name, mod in modules.items():
+        def hook(_m, _i, y, name=name):
+            out[name] = float(y.detach().abs().max())
+        handles.append(mod.register_forward_hook(hook))
+    try:
+        with eval_mode(model):
+            model(**{k: v for k, v in batch.items() if k != "labels"})
+    finally:
+        for h in handles:
+            h.remove()
+    return out
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable[dict], progress: bool = True, max_batches: int | None = None) -> float:
+    """Top-1 accuracy in [0, 1] of ``model(**batch).logits`` against ``batch["labels"]``.
+
+    Counts are summed over processes when torch.distributed is initialised.
+    """
+    device = next(model.parameters()).device
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    total = torch.zeros((), dtype=torch.long, device=device)
+    n = len(loader) if max_batches is None else min(max_batches, len(loader))
+    with eval_mode(model):
+        for i, batch in enumerate(tqdm(loader, total=n, desc="eval", disable=not progress, leave=False)):
+            if i >= n:
+                break
+            batch = to_device(batch, device)
+            labels = batch.pop("labels")
+            logits = model(**batch).logits
+            correct += (logits.argmax(-1) == labels).sum()
+            total += labels.numel()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(correct)
+        torch.distributed.all_reduce(total)
+    return float(correct) / max(1, int(total))
