@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import inspect
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
 
 from s2d.quant.quantizers import Quantizer
 
@@ -124,9 +126,6 @@ def _codes(q: Quantizer, x: Tensor) -> tuple[Tensor, float] | None:
 
 def register_hf_attention() -> None:
     """Register ``"s2d_quant"`` in transformers' attention-function and attention-mask registries (idempotent)."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
-
     AttentionInterface.register(ATTN_IMPL, quant_attention_forward)
     ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_IMPL, eager_mask)  # masks always materialised, additive float
 
@@ -219,8 +218,6 @@ def install_attention(model: nn.Module, routes: dict[str, str]) -> None:
     """Route the given attention modules through :func:`quant_attention_forward`."""
     modules = dict(model.named_modules())
     if "hf" in routes.values():
-        from transformers import PreTrainedModel
-
         register_hf_attention()
         hf = [n for n, m in modules.items() if isinstance(m, PreTrainedModel)]
         roots = [n for n in hf if not any(p != n and (p == "" or n.startswith(p + ".")) for p in hf)]
