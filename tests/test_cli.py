@@ -63,7 +63,7 @@ def test_bad_config_subprocess_one_line(tmp_path):
 
 @pytest.mark.parametrize("body, message", [
     ('[model]\nname = "minilm-l6"\n[data]\ndataset = "rotten-tomatoes"\n[quant]\nbits = ["W1A4"]\n',
-     "quant.bits: bit widths must be in [2, 16]"),
+     "quant.bits: bit widths must be 2..8 or 16"),
     ('[model]\nname = "nope-model"\n[data]\ndataset = "rotten-tomatoes"\n', "unknown model.name 'nope-model'"),
     ('[model]\nname = "minilm-l6"\n[data]\ndataset = "nope-data"\n', "unknown data.dataset 'nope-data'"),
     ("[model\n", "invalid TOML"),

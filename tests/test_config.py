@@ -69,9 +69,9 @@ BAD = [
     (with_("arms.names", ["adamw", "sgd"]), "unknown arm 'sgd' in arms.names"),
     (with_("arms.names", []), "arms.names must be a non-empty list"),
     (with_("arms.names", ["adamw", "adamw"]), "duplicate arm 'adamw'"),
-    (with_("arms.qat_bits", ["W1A4"]), "arms.qat_bits: bit widths must be in [2, 16], got 'W1A4'"),
+    (with_("arms.qat_bits", ["W1A4"]), "arms.qat_bits: bit widths must be 2..8 or 16 (the reference), got 'W1A4'"),
     (with_("arms.qat_bits", "W4A4"), "arms.qat_bits must be a list"),
-    (with_("quant.bits", ["W4A17"]), "quant.bits: bit widths must be in [2, 16], got 'W4A17'"),
+    (with_("quant.bits", ["W4A17"]), "quant.bits: bit widths must be 2..8 or 16 (the reference), got 'W4A17'"),
     (with_("quant.bits", ["4/4"]), "quant.bits must look like 'W4A4', got '4/4'"),
     (with_("quant.bits", ["W4A4", "w4a4"]), "quant.bits lists a bit setting twice"),
     (with_("quant.methods", ["rtn", "gptq"]), "unknown PTQ method 'gptq' in quant.methods"),
@@ -141,7 +141,7 @@ def test_parse_bits(text, expected):
     assert Bits(*expected).name == text.strip().upper()
 
 
-@pytest.mark.parametrize("text", ["W1A4", "W4A17", "W4", "A4W4", "", "W4A4x"])
+@pytest.mark.parametrize("text", ["W1A4", "W4A17", "W2A9", "W4", "A4W4", "", "W4A4x"])
 def test_parse_bits_rejects(text):
     with pytest.raises(ValueError, match="bit"):
         Bits.parse(text)

@@ -390,8 +390,10 @@ def test_bits_parse_valid(text, bits):
     ("W4", r"quant\.bits must look like 'W4A4', got 'W4'"),
     ("A4W4", r"quant\.bits must look like 'W4A4'"),
     (44, r"quant\.bits must look like 'W4A4', got 44"),
-    ("W1A4", r"quant\.bits: bit widths must be in \[2, 16\], got 'W1A4'"),
-    ("W4A17", r"quant\.bits: bit widths must be in \[2, 16\], got 'W4A17'"),
+    ("W1A4", r"quant\.bits: bit widths must be 2\.\.8 or 16 \(the reference\), got 'W1A4'"),
+    ("W4A17", r"quant\.bits: bit widths must be 2\.\.8 or 16 \(the reference\), got 'W4A17'"),
+    ("W2A9", r"quant\.bits: bit widths must be 2\.\.8 or 16 \(the reference\), got 'W2A9'"),
+    ("W12A8", r"quant\.bits: bit widths must be 2\.\.8 or 16"),
 ])
 def test_bits_parse_invalid(text, message):
     with pytest.raises(ValueError, match=message):

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from s2d.models import linear_roles
 from s2d.regularizer import ActivationPeak, S2DConfig, compute_refresh
 from s2d.regularizer.refresh import find_peak, reduce_peaks
-from s2d.utils import eval_mode, to_device
+from s2d.utils import eval_mode, real_tokens, to_device, token_mask
 
 logger = logging.getLogger(__name__)
 
@@ -157,16 +157,20 @@ def _linear_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def _run(model: nn.Module, batches: Iterable, hooks: dict[str, nn.Module],
-         make_hook: Callable[[str], Callable], progress: bool, desc: str) -> None:
-    """Run batches (dicts -> model(**batch), labels dropped) in eval mode, no grad, with forward hooks."""
+         make_hook: Callable[[str], Callable], progress: bool, desc: str, current: dict) -> None:
+    """Run batches (dicts -> model(**batch), labels dropped) in eval mode, no grad, with forward hooks;
+    ``current["mask"]`` holds the running batch's real-token mask (None for images / tensors)."""
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     handles = [m.register_forward_hook(make_hook(name)) for name, m in hooks.items()]
     try:
         with eval_mode(model), torch.no_grad():
             for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
                 if isinstance(batch, Mapping):
-                    model(**to_device(batch, device, drop_labels=True))
+                    batch = to_device(batch, device, drop_labels=True)
+                    current["mask"] = token_mask(batch)
+                    model(**batch)
                 else:
+                    current["mask"] = None
                     model(batch.to(device))
     finally:
         for h in handles:
@@ -184,20 +188,21 @@ def _capture(model: nn.Module, batches: Iterable, modules: Mapping[str, nn.Modul
     modules = dict(_linear_modules(model) if modules is None else modules)
     gen = torch.Generator().manual_seed(seed)
     accs = {name: _Accumulator(sample_size, gen) for name in modules}
+    current: dict = {"mask": None}
 
     def make(name):
         def hook(module, args, output):
             a = output if where == "output" else (args[0] if args else None)
             if isinstance(a, Tensor) and a.is_floating_point():
-                accs[name].update(a)
+                accs[name].update(real_tokens(a, current["mask"]))     # padding positions left out
             w = getattr(module, "weight", None)
             if peaks is not None and isinstance(w, Tensor) and w.dim() == 2:
-                p = find_peak(w.shape, args[0] if args else None, output)
+                p = find_peak(w.shape, args[0] if args else None, output, current["mask"])
                 if p is not None:
                     peaks.setdefault(name, []).append(p)
         return hook
 
-    _run(model, batches, modules, make, progress, "activations")
+    _run(model, batches, modules, make, progress, "activations", current)
     return {name: acc.result(name) for name, acc in accs.items() if acc.n > 0}, modules
 
 
@@ -217,6 +222,7 @@ def capture_activations(model: nn.Module, batches: Iterable[dict], modules: Mapp
     alike); otherwise (e.g. a few huge batches followed by many tiny ones) estimated from the sample
     (nan if ``sample_size`` is 0).
     The model runs in eval mode under ``torch.no_grad``; its train/eval flags are restored after.
+    Text batches with a 2-D ``attention_mask``: padding positions are left out of every statistic.
     """
     stats, _ = _capture(model, batches, modules, where, sample_size, progress, seed)
     return stats

@@ -17,14 +17,17 @@ Depends on torch only.
 """
 from __future__ import annotations
 
+import os
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-__all__ = ["Spectrum", "spectrum", "spectra", "top_k", "pcdr_curve", "pcdr_terms", "select_rank"]
+__all__ = ["Spectrum", "spectrum", "spectra", "intra_op_threads", "top_k", "pcdr_curve", "pcdr_terms", "select_rank"]
 
 
 @dataclass(frozen=True)
@@ -97,7 +100,8 @@ def _batched_spectrum(W: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return (Q, S, P) if wide else (P, S, Q)
 
 
-def spectra(weights: Sequence[Tensor], compute_dtype: torch.dtype | None = None) -> list[Spectrum]:
+def spectra(weights: Sequence[Tensor], compute_dtype: torch.dtype | None = None,
+            threads: int | None = 1) -> list[Spectrum]:
     """Thin SVDs of several 2-D weights; weights of equal shape, dtype and device are batched.
 
     Args:
@@ -105,6 +109,13 @@ def spectra(weights: Sequence[Tensor], compute_dtype: torch.dtype | None = None)
         compute_dtype: dtype of the Gram matrix and eigensolver; default float32 (float64 for float64
             weights).  float32 matches ``torch.linalg.svd`` in float32 on the leading components and PCDR;
             pass ``torch.float64`` for a tail accurate to float64 rounding.
+        threads: CPU threads of the pass. 1 (the default): on a dedicated worker thread that never has
+            an OpenMP team; k > 1: on the calling thread with a team of k (restored after); None: on
+            the calling thread as it is. The default is deliberate: a multi-threaded ``eigh`` meets its
+            team at barriers, and when another job (or another thread's team) shares the cores a
+            descheduled team member stalls every barrier. One thread is ~1.5x slower on an idle 2-core
+            machine and ~1.1x slower on a loaded one, where a team of 2 is 2.5-9x slower
+            (``benchmarks/bench_contention.py``, docs/benchmarks.md). CUDA weights ignore it.
     Returns:
         one :class:`Spectrum` per weight, in input order.
     Raises:
@@ -116,19 +127,61 @@ def spectra(weights: Sequence[Tensor], compute_dtype: torch.dtype | None = None)
     for i, w in enumerate(weights):
         groups[(tuple(w.shape), w.dtype, w.device)].append(i)
     out: list[Spectrum | None] = [None] * len(weights)
-    with torch.no_grad():
-        for idx in groups.values():
-            dtype = _compute_dtype(weights[idx[0]], compute_dtype)
-            stack = torch.stack([weights[i].detach().to(dtype) for i in idx])
-            U, S, V = _batched_spectrum(stack)
-            for j, i in enumerate(idx):
-                out[i] = Spectrum(U=U[j], S=S[j], V=V[j])
+
+    def run() -> None:
+        with torch.no_grad():
+            for idx in groups.values():
+                dtype = _compute_dtype(weights[idx[0]], compute_dtype)
+                stack = torch.stack([weights[i].detach().to(dtype) for i in idx])
+                U, S, V = _batched_spectrum(stack)
+                for j, i in enumerate(idx):
+                    out[i] = Spectrum(U=U[j], S=S[j], V=V[j])
+
+    if threads is None or not all(w.device.type == "cpu" for w in weights):
+        run()
+    elif threads == 1:
+        _single_thread().submit(run).result()   # re-raises the pass's exception here
+    else:
+        with intra_op_threads(threads):
+            run()
     return out  # type: ignore[return-value]
 
 
-def spectrum(weight: Tensor, compute_dtype: torch.dtype | None = None) -> Spectrum:
+# One long-lived worker thread that never has an OpenMP team: setting 1 thread on the caller's own
+# thread and back (``intra_op_threads(1)``) leaves its team's threads to spin against the pass, which
+# measured as slow as a full team on a loaded machine. Recreated after a fork (the thread is not copied).
+_POOL: list[ThreadPoolExecutor] = []
+
+
+def _single_thread() -> ThreadPoolExecutor:
+    if not _POOL:
+        _POOL.append(ThreadPoolExecutor(1, thread_name_prefix="s2d-spectral", initializer=torch.set_num_threads,
+                                        initargs=(1,)))
+    return _POOL[0]
+
+
+os.register_at_fork(after_in_child=_POOL.clear)
+
+
+@contextmanager
+def intra_op_threads(threads: int | None) -> Iterator[None]:
+    """Run the block with ``torch.set_num_threads(threads)`` on this thread, then restore (None: no change)."""
+    if threads is None or threads == torch.get_num_threads():
+        yield
+        return
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1 or None, got {threads}")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def spectrum(weight: Tensor, compute_dtype: torch.dtype | None = None, threads: int | None = 1) -> Spectrum:
     """Thin SVD of one 2-D weight (m, n): U (m, r), S (r,) descending, V (n, r); see :func:`spectra`."""
-    return spectra([weight], compute_dtype=compute_dtype)[0]
+    return spectra([weight], compute_dtype=compute_dtype, threads=threads)[0]
 
 
 def top_k(s: Spectrum, k: int) -> Spectrum:

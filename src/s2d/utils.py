@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-__all__ = ["atomic_write", "write_text", "write_json", "save_torch", "to_device", "eval_mode", "jsonable"]
+__all__ = ["atomic_write", "write_text", "write_json", "save_torch", "to_device", "eval_mode", "jsonable",
+           "token_mask", "real_tokens"]
 
 
 def atomic_write(path: Path | str, write: Callable[[Path], None]) -> Path:
@@ -60,6 +61,20 @@ def to_device(batch: Mapping[str, object], device: torch.device | str,
     """
     return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()
             if not (drop_labels and k == "labels")}
+
+
+def token_mask(batch: Mapping[str, object]) -> Tensor | None:
+    """The (B, T) real-token mask of a text batch (its 2-D ``attention_mask`` as bool), or None."""
+    mask = batch.get("attention_mask")
+    return mask.bool() if isinstance(mask, Tensor) and mask.dim() == 2 else None
+
+
+def real_tokens(t: Tensor, mask: Tensor | None) -> Tensor:
+    """The rows of ``t`` (B, T, ..., C) at real tokens, as (N, ..., C); ``t`` unchanged when ``mask``
+    is None or does not match its first two dims (e.g. a pooled (B, C) tensor)."""
+    if mask is None or t.dim() < 3 or tuple(t.shape[:2]) != tuple(mask.shape):
+        return t
+    return t[mask.to(t.device)]
 
 
 @contextmanager

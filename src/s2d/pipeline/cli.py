@@ -29,7 +29,7 @@ from s2d.probes import capture_activations, spectral_table
 from s2d.quant import Bits, QuantConfig, available_methods
 from s2d.quant.qat import convert_qat
 from s2d.regularizer import S2DConfig
-from s2d.train import TrainConfig, evaluate, finetune
+from s2d.train import TrainConfig, TrainingDiverged, evaluate, finetune
 from s2d.utils import jsonable, write_json, write_text
 
 log = logging.getLogger("s2d")
@@ -331,6 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"s2d {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except TrainingDiverged as err:
+        print(f"s2d {args.command}: error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

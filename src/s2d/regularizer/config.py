@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -24,7 +25,7 @@ class S2DConfig:
     """
 
     strength: float = 5e-4      # λ >= 0: scale of the penalty
-    power: float = 2.0          # n > 0: the penalty acts on σ^(n+1)
+    power: float = 2.0          # n > 0 (the paper: n > 1, warned otherwise): the penalty acts on σ^(n+1)
     tau: float = 0.95           # PCDR threshold in (0, 1]: k_target = smallest k with PCDR_k >= tau
     k_max: int = 3              # most singular directions penalised per layer, >= 1
     interval: int = 100         # optimizer steps between refreshes (spectrum + selection), >= 1
@@ -33,6 +34,8 @@ class S2DConfig:
     include: Include = None     # target modules (see ``Include``), over modules with a 2-D ``weight``
     async_lead: int = 0         # start each refresh but the first this many steps early, in the
     #                             background (0 = synchronous; 0 <= async_lead < interval)
+    threads: int | None = 1     # CPU intra-op threads of the spectral pass (1: robust when other work
+    #                             shares the cores, see s2d.spectral.spectra; None: the caller's)
 
     def __post_init__(self) -> None:
         def bad(field: str, allowed: str) -> ValueError:
@@ -42,6 +45,10 @@ class S2DConfig:
             raise bad("strength", "a finite number >= 0")
         if not _real(self.power) or not (math.isfinite(self.power) and self.power > 0):
             raise bad("power", "a finite number > 0")
+        if self.power <= 1:
+            warnings.warn(f"S2DConfig.power={self.power}: the paper's Definition 1 needs n > 1 (the penalty "
+                          "acts on sigma^(n+1)); n <= 1 decays the large singular values no faster than "
+                          "the small ones", UserWarning, stacklevel=3)
         if not _real(self.tau) or not 0 < self.tau <= 1:
             raise bad("tau", "in (0, 1]")
         if not _int(self.k_max) or self.k_max < 1:
@@ -50,6 +57,8 @@ class S2DConfig:
             raise bad("interval", "an integer >= 1")
         if not _int(self.async_lead) or not 0 <= self.async_lead < self.interval:
             raise bad("async_lead", f"an integer in [0, interval={self.interval})")
+        if self.threads is not None and (not _int(self.threads) or self.threads < 1):
+            raise bad("threads", "None or an integer >= 1")
         if self.selection not in SELECTIONS:
             raise bad("selection", "one of 'pcdr', 'all'")
         if self.update not in UPDATES:

@@ -36,10 +36,11 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from s2d.regularizer.config import S2DConfig
 from s2d.regularizer.refresh import (
@@ -48,6 +49,7 @@ from s2d.regularizer.refresh import (
 from s2d.regularizer.sharding import ShardedRefresh, add_low_rank_
 from s2d.regularizer.worker import BackgroundTask
 from s2d.spectral import Spectrum
+from s2d.utils import token_mask
 
 logger = logging.getLogger(__name__)
 
@@ -83,17 +85,28 @@ class SelectiveSpectralDecay:
         first = next(iter(self.targets.values()), None)
         self._task = BackgroundTask(first.weight.device if first is not None else "cpu")
         self._pending_plan: ShardedRefresh | None = None
+        self._mask: Tensor | None = None       # real tokens of the current text batch (padding excluded)
+        self._warned: set[str] = set()          # layers already reported non-finite
         self._handles = [m.register_forward_hook(self._make_hook(name)) for name, m in self.targets.items()]
+        self._handles.append(model.register_forward_pre_hook(self._capture_mask, with_kwargs=True))
         self._handles.append(optimizer.register_step_pre_hook(self._pre_step))
         self._handles.append(optimizer.register_step_post_hook(self._post_step))
         logger.info("S2D attached to %d layers (%s)", len(self.targets), config)
 
     # ------------------------------------------------------------------ capture
+    def _capture_mask(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self._armed and torch.is_grad_enabled():
+            self._mask = token_mask(kwargs)
+
     def _make_hook(self, name: str) -> Callable[[nn.Module, tuple, object], None]:
         def hook(module: nn.Module, args: tuple, output: object) -> None:
             if not self._armed or not torch.is_grad_enabled():
                 return
-            peak = find_peak(module.weight.shape, args[0] if args else None, output)
+            if module.weight.grad is None and self._peaks.get(name):
+                # gradients were reset since these peaks were recorded, yet no optimizer step ran in
+                # between: that step was skipped (a GradScaler overflow), so its peaks are stale
+                self._peaks[name].clear()
+            peak = find_peak(module.weight.shape, args[0] if args else None, output, self._mask)
             if peak is not None:
                 self._peaks.setdefault(name, []).append(peak)
         return hook
@@ -117,7 +130,38 @@ class SelectiveSpectralDecay:
             self._penalty.pop(name, None)
             if res.factors is not None:
                 self._set_factors(name, res.factors)
+            if res.stats.reason and res.stats.reason.startswith("non-finite"):
+                self._warn_nonfinite(name, res.stats.reason)
         self._log_refresh(results)
+
+    def _warn_nonfinite(self, name: str, reason: str) -> None:
+        if name not in self._warned:
+            self._warned.add(name)
+            logger.warning("S2D: %s has a %s at step %d; it gets no penalty until a refresh finds it finite "
+                           "(warned once per layer)", name, reason, self.step)
+
+    def _drop_nonfinite(self) -> None:
+        """Drop the cached penalty of every penalised layer whose weight or gradient is no longer finite.
+
+        One device sync per step, and only while some layer is penalised. FSDP2-sharded weights are
+        left to the next refresh (each rank would see only its own shard).
+        """
+        names = [n for n in self._penalty if not isinstance(self.targets[n].weight, DTensor)]
+        if not names:
+            return
+        with torch.no_grad():
+            ok = torch.stack([torch.isfinite(self.targets[n].weight).all()
+                              & (True if self.targets[n].weight.grad is None
+                                 else torch.isfinite(self.targets[n].weight.grad).all()) for n in names])
+        for name, fine in zip(names, ok.tolist()):
+            if not fine:
+                self._factors.pop(name, None)
+                self._penalty.pop(name, None)
+                stats = self._stats.get(name)
+                if stats is not None:
+                    self._stats[name] = replace(stats, k_target=None, skipped=True,
+                                                reason="non-finite weight or gradient")
+                self._warn_nonfinite(name, "non-finite weight or gradient")
 
     def _set_factors(self, name: str, f: Spectrum) -> None:
         w = self.targets[name].weight
@@ -201,6 +245,7 @@ class SelectiveSpectralDecay:
             if calls == 0:
                 self._schedule()
                 self._armed = False
+                self._drop_nonfinite()
             calls += 1
             self._add_coupled_penalty()
             return loss
@@ -209,6 +254,7 @@ class SelectiveSpectralDecay:
     def _before_update(self) -> None:
         self._schedule()
         self._armed = False
+        self._drop_nonfinite()
         self._add_coupled_penalty()
 
     def _add_coupled_penalty(self) -> None:
@@ -257,8 +303,13 @@ class SelectiveSpectralDecay:
                       for n, ps in self._peaks.items()},
         }
 
-    def load_state_dict(self, sd: Mapping) -> None:
-        """Restore a :meth:`state_dict`; layers unknown to this model are ignored with a warning."""
+    def load_state_dict(self, sd: Mapping, strict: bool = True) -> None:
+        """Restore a :meth:`state_dict`; layers unknown to this model are ignored with a warning.
+
+        A state saved under another config (strength, interval, ...) is refused with a ValueError, or,
+        with ``strict=False``, loaded with a warning.
+        """
+        self._check_config(sd.get("config") or {}, strict)
         unknown = (set(sd["factors"]) | set(sd["stats"])) - set(self.targets)
         if unknown:
             logger.warning("S2D load_state_dict: ignoring unknown layers %s", sorted(unknown))
@@ -275,6 +326,17 @@ class SelectiveSpectralDecay:
                        for n, ps in sd.get("peaks", {}).items() if n in self.targets}
         if self.config.async_lead and self.step % self.config.interval == 0:
             self._armed = True   # the early refresh for this step was not saved: redo it synchronously
+
+    def _check_config(self, saved: Mapping, strict: bool) -> None:
+        now = {f.name: getattr(self.config, f.name) for f in fields(self.config) if f.name != "include"}
+        diff = [k for k in sorted(saved) if k in now and saved[k] != now[k]]
+        if not diff:
+            return
+        msg = ("S2D load_state_dict: the state was saved under another S2DConfig ("
+               + ", ".join(f"{k}={saved[k]!r}, now {now[k]!r}" for k in diff) + ")")
+        if strict:
+            raise ValueError(msg + "; pass strict=False to load it anyway")
+        logger.warning(msg)
 
     def remove(self) -> None:
         """Detach every hook and drop the cached factors; the model and optimizer are left as they are."""

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from s2d.regularizer.config import Include, S2DConfig
 from s2d.spectral import Spectrum, pcdr_curve, select_rank, spectra, top_k
+from s2d.utils import real_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -62,11 +63,14 @@ class LayerRefresh:
     stats: LayerStats          # what the refresh found
 
 
-def find_peak(weight_shape: Sequence[int], x: object, output: object) -> ActivationPeak | None:
+def find_peak(weight_shape: Sequence[int], x: object, output: object,
+              token_mask: Tensor | None = None) -> ActivationPeak | None:
     """The largest |output| entry of one forward call of a layer with an (m, n) weight, without a sync.
 
-    x: the layer input (..., n); output: (..., m).  Returns None when they are not tensors of matching
-    shapes (e.g. integer inputs, or a module whose forward is not W x).  NaN/Inf propagate to the max.
+    x: the layer input (..., n); output: (..., m); token_mask: (B, T) real tokens of a text batch
+    (padding positions are left out when x and output are (B, T, ...)). Returns None when they are not
+    tensors of matching shapes (e.g. integer inputs, or a module whose forward is not W x) or no token
+    is real. NaN/Inf propagate to the max.
     """
     m, n = int(weight_shape[0]), int(weight_shape[1])
     if not (isinstance(x, Tensor) and isinstance(output, Tensor) and x.is_floating_point()
@@ -74,6 +78,10 @@ def find_peak(weight_shape: Sequence[int], x: object, output: object) -> Activat
             and x.numel() // n == output.numel() // m):
         return None
     with torch.no_grad():
+        if x.shape[:-1] == output.shape[:-1]:
+            x, output = real_tokens(x.detach(), token_mask), real_tokens(output.detach(), token_mask)
+            if output.numel() == 0:
+                return None
         flat = output.detach().reshape(-1).abs()
         idx = flat.argmax()
         row = x.detach().reshape(-1, n)[idx // m]
@@ -126,19 +134,20 @@ def compute_refresh(
             ready.append(name)
         else:
             out[name] = LayerRefresh(name, None, _nan_stats(name, shape, step, reason, value))
-    for name, spectrum in zip(ready, _safe_spectra([weights[n] for n in ready], compute_dtype)):
+    for name, spectrum in zip(ready, _safe_spectra([weights[n] for n in ready], compute_dtype, config.threads)):
         out[name] = _refresh_layer(name, weights[name], spectrum, peaks.get(name), config, step)
     return out
 
 
-def _safe_spectra(ws: list[Tensor], compute_dtype: torch.dtype | None) -> list[Spectrum | None]:
+def _safe_spectra(ws: list[Tensor], compute_dtype: torch.dtype | None,
+                  threads: int | None) -> list[Spectrum | None]:
     try:
-        return spectra(ws, compute_dtype=compute_dtype)
+        return spectra(ws, compute_dtype=compute_dtype, threads=threads)
     except (RuntimeError, ValueError):  # eigensolver failure in a batch: retry layer by layer
         res: list[Spectrum | None] = []
         for w in ws:
             try:
-                res.append(spectra([w], compute_dtype=compute_dtype)[0])
+                res.append(spectra([w], compute_dtype=compute_dtype, threads=threads)[0])
             except (RuntimeError, ValueError) as err:
                 logger.warning("S2D: spectrum failed for a %s weight: %s", tuple(w.shape), err)
                 res.append(None)

@@ -8,6 +8,6 @@
 """
 from s2d.train.config import TrainConfig
 from s2d.train.evaluate import evaluate
-from s2d.train.loop import TrainResult, finetune
+from s2d.train.loop import TrainingDiverged, TrainResult, finetune
 
-__all__ = ["TrainConfig", "TrainResult", "evaluate", "finetune"]
+__all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "evaluate", "finetune"]

@@ -29,6 +29,8 @@ class TrainConfig:
     save_every: int = 0                # steps between checkpoints (0: only the final one)
     max_grad_norm: float = 1.0         # gradient clipping norm (0: no clipping)
     muon_lr: float | None = None       # Muon's learning rate when it differs from lr
+    max_bad_steps: int = 5             # stop (TrainingDiverged) after this many consecutive non-finite
+    #                                    losses, keeping the last good checkpoint (0: never stop)
 
     def __post_init__(self) -> None:
         if (self.steps is None) == (self.epochs is None):
@@ -53,6 +55,8 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be an integer >= 1, got {value!r}")
         if self.eval_batches is not None and (not isinstance(self.eval_batches, int) or self.eval_batches < 1):
             raise ValueError(f"TrainConfig.eval_batches must be an integer >= 1 or None, got {self.eval_batches!r}")
+        if not isinstance(self.max_bad_steps, int) or self.max_bad_steps < 0:
+            raise ValueError(f"TrainConfig.max_bad_steps must be an integer >= 0, got {self.max_bad_steps!r}")
         if not isinstance(self.save_every, int) or self.save_every < 0:
             raise ValueError(f"TrainConfig.save_every must be an integer >= 0, got {self.save_every!r}")
         if not self.max_grad_norm >= 0:

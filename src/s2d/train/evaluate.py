@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from s2d.utils import eval_mode, to_device
+from s2d.utils import eval_mode, real_tokens, to_device, token_mask
 
 __all__ = ["evaluate", "probe_max_abs"]
 
@@ -15,12 +15,13 @@ __all__ = ["evaluate", "probe_max_abs"]
 @torch.no_grad()
 def probe_max_abs(model: nn.Module, batch: Mapping[str, torch.Tensor],
                   modules: Mapping[str, nn.Module]) -> dict[str, float]:
-    """max |output| of each module on one forward of ``batch`` (eval mode, no grad)."""
+    """max |output| of each module on one forward of ``batch`` (eval mode, no grad; padding tokens left out)."""
     out: dict[str, float] = {}
     handles = []
+    mask = token_mask(batch)
     for name, mod in modules.items():
         def hook(_m, _i, y, name=name):
-            out[name] = float(y.detach().abs().max())
+            out[name] = float(real_tokens(y.detach(), mask).abs().max())
         handles.append(mod.register_forward_hook(hook))
     try:
         with eval_mode(model):

@@ -13,6 +13,7 @@ or without S2D, so the arms are compared with one and the same measurement.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
@@ -39,7 +40,11 @@ from s2d.utils import jsonable, to_device
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TrainResult", "finetune"]
+__all__ = ["TrainResult", "TrainingDiverged", "finetune"]
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss stayed non-finite for ``TrainConfig.max_bad_steps`` steps; no checkpoint holds that state."""
 
 
 @dataclass
@@ -165,6 +170,7 @@ def _train(run: _Session, cfg: TrainConfig, start: int, probe: _Probe, result: T
     bar = tqdm(range(start, total), initial=start, total=total, desc=f"train[{optimizer}]",
                disable=not progress or not acc.is_main_process)
     window: list[float] = []
+    bad = 0                                           # consecutive non-finite losses
     for step in bar:
         torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout etc.: a function of (seed, step)
         loss = _train_step(run.model, run.optimizers, stream, acc, cfg)
@@ -174,18 +180,31 @@ def _train(run: _Session, cfg: TrainConfig, start: int, probe: _Probe, result: T
         result.final_loss = loss
         window.append(loss)
         done = step + 1
+        bad = 0 if math.isfinite(loss) else bad + 1
+        if cfg.max_bad_steps and bad >= cfg.max_bad_steps:
+            bar.close()
+            raise TrainingDiverged(_diverged_message(result, bad, out))
         if done % cfg.eval_every == 0 or done == total:
             probe.record(done, with_eval=True)
         if done % cfg.log_every == 0 or done == total:
             _log_progress(bar, done, total, window, result, run)
             window = []
-        if out is not None and acc.is_main_process and (
+        if out is not None and acc.is_main_process and bad == 0 and (   # never save a non-finite state
                 done == total or (cfg.save_every and done % cfg.save_every == 0)):
             history = {k: getattr(result, k) for k in ("loss_history", "probe_history", "final_loss", "wall_s")}
             save_checkpoint(out, run.raw, checkpoint_state(done, run.optimizers, run.schedulers, run.decay, history))
         if callback is not None:
             callback(done, result)
     bar.close()
+
+
+def _diverged_message(result: TrainResult, bad: int, out: Path | None) -> str:
+    good = [(int(s), v) for s, v in result.loss_history if math.isfinite(v)]
+    last = f"the last finite loss was {good[-1][1]:.4g} at step {good[-1][0]}" if good else "no step had a finite loss"
+    ckpt = latest_checkpoint(out) if out is not None else None
+    kept = f"; the last good checkpoint is {ckpt}" if ckpt is not None else "; no checkpoint was saved"
+    return (f"training diverged: the loss was non-finite for {bad} consecutive steps "
+            f"(train.max_bad_steps = {bad}); {last}{kept}. Lower train.lr or train.max_grad_norm")
 
 
 def _micro_batches(loader: DataLoader, accelerator: Accelerator, start: int) -> Iterator[dict]:
