@@ -18,7 +18,7 @@ SRC = ROOT / "src" / "s2d"
 
 # Lower layers first; a module may import only from its own package or from a lower layer.
 LAYERS = [
-    ("s2d.utils", "s2d.spectral"),
+    ("s2d.utils", "s2d.spectral", "s2d.stats"),
     ("s2d.regularizer",),
     ("s2d",),                       # the package root: the S2D facade (regularizer + spectral)
     ("s2d.integrations",),

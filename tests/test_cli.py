@@ -133,10 +133,13 @@ sample_size = 32
 ''')
     out = tmp_path / "run"
     assert main(["run", str(tmp_path / "c.toml"), "--out", str(out), "--no-progress"]) == 0
+    from s2d.pipeline.report import load_results
     from s2d.pipeline.tables import format_accuracy_table
 
-    res = json.loads((out / "results.json").read_text())
+    res = load_results(out)                          # results.json + outcomes.npz
     assert len(res["cells"]) == 4 and set(res["arms"]) == {"adamw", "adamw+s2d"}
+    assert "## Verdict" in (out / "report.md").read_text() and "adamw+s2d vs adamw" in capsys.readouterr().out
+    main(["run", str(tmp_path / "c.toml"), "--out", str(out), "--no-progress"])
     printed = capsys.readouterr().out.rstrip()
     assert printed.endswith(format_accuracy_table(res))
     assert (out / "report.md").read_text().count("figures/") >= 3

@@ -20,7 +20,8 @@ import torch
 import s2d.pipeline.experiment as experiment
 from s2d.pipeline.parse import from_dict
 from s2d.pipeline.config import DataConfig, ModelConfig
-from s2d.pipeline.experiment import RunDir, load_task, run_experiment
+from s2d.pipeline.experiment import load_task, run_experiment
+from s2d.pipeline.rundir import RunDir, unpack_outcomes
 
 WORDS = ["good", "bad", "film", "very", "not", "a", "plot", "actor", "great", "awful", "fun", "dull"]
 
@@ -88,7 +89,14 @@ class CountingCell:
         self.calls.append((method, spec.name))
         if self.inner is not None:
             return self.inner(model, spec, method, calib, loader, progress, config)
-        return 0.25 + 0.01 * spec.w_bits          # a recognisable fake accuracy
+        return fake_outcomes(len(loader.dataset), spec.w_bits)
+
+
+def fake_outcomes(n: int, w_bits: int) -> torch.Tensor:
+    """A recognisable fake cell: the first round((0.25 + 0.01 * w_bits) * n) test examples right."""
+    hits = torch.zeros(n, dtype=torch.bool)
+    hits[: round((0.25 + 0.01 * w_bits) * n)] = True
+    return hits
 
 
 @pytest.fixture(scope="module")
@@ -121,11 +129,15 @@ def test_local_model_dir_and_csv_load(tiny, tmp_path):
 
 def test_results_structure(full_run):
     cfg, out, result, counter = full_run
-    assert list(result.arms) == ["adamw", "adamw+s2d", "qat@W4A4"]
-    qat = result.arms["qat@W4A4"]
+    assert list(result.arms) == ["adamw", "adamw+s2d", "qat@W4A4"] and result.seeds == [0]
+    runs = {r["name"]: r for r in result.runs}
+    qat = runs["qat@W4A4"]
     assert qat["qat_bits"] == "W4A4" and 0 <= qat["qat_accuracy"] <= 1 and qat["kind"] == "qat"
+    assert unpack_outcomes(qat["qat_correct"]).mean() == pytest.approx(qat["qat_accuracy"])
     for name in ("adamw", "adamw+s2d"):
-        arm = result.arms[name]
+        arm = runs[name]
+        hits = unpack_outcomes(arm["fp_correct"])
+        assert hits.size == 16 and hits.mean() == pytest.approx(arm["fp_accuracy"])      # per-example kept
         assert arm["qat_bits"] is None and arm["qat_accuracy"] is None and 0 <= arm["fp_accuracy"] <= 1
         assert arm["train"]["steps"] == 4 and len(arm["train"]["loss_history"]) == 4
         ffn = [p for p in arm["probes"] if p["role"] in ("fc1", "fc2")]
@@ -141,7 +153,8 @@ def test_results_structure(full_run):
     assert {"torch", "transformers", "s2d"} <= set(result.versions) and result.machine["cpu_count"] >= 1
     json.dumps(dataclasses.asdict(result))                                   # JSON-serialisable
     for c in result.cells:                                                   # one file per finished cell
-        assert json.loads(RunDir(out).cell_path(c["arm"], c["method"], c["bits"]).read_text()) == c
+        assert json.loads(RunDir(out).cell_path(c["arm"], c["seed"], c["method"], c["bits"]).read_text()) == c
+        assert unpack_outcomes(c["correct"]).mean() == pytest.approx(c["accuracy"])
 
 
 def test_interval_scaled_and_noted(full_run):
@@ -149,8 +162,9 @@ def test_interval_scaled_and_noted(full_run):
     # 4 steps, interval 100 -> 1 refresh < min_refreshes 2 -> interval 4 // 2 = 2
     assert result.notes == ["S2D interval scaled 100 -> 2: a 4-step run would refresh only 1 time(s) at "
                             "interval 100; min_refreshes = 2"]
+    runs = {r["name"]: r for r in result.runs}
     assert result.arms["adamw+s2d"]["s2d_config"]["interval"] == 2
-    assert result.arms["adamw+s2d"]["train"]["s2d_config"]["interval"] == 2
+    assert runs["adamw+s2d"]["train"]["s2d_config"]["interval"] == 2
     assert result.arms["adamw"]["s2d_config"] is None
 
 
@@ -164,7 +178,7 @@ def test_recorded_accuracies_match_recomputation(full_run, tiny):
     cfg, out, result, _ = full_run
     _, loaders = load_task(cfg.model, cfg.data, batch_size=16, eval_batch_size=32, seed=0)
     model = BertForSequenceClassification.from_pretrained(str(tiny[0]), num_labels=2)
-    load_model(model, str(out / "arms" / "adamw" / "model.safetensors"))
+    load_model(model, str(out / "arms" / "adamw@s0" / "model.safetensors"))
     model.eval()
 
     def accuracy(m):
@@ -176,7 +190,8 @@ def test_recorded_accuracies_match_recomputation(full_run, tiny):
                 total += len(labels)
         return right / total
 
-    assert accuracy(model) == pytest.approx(result.arms["adamw"]["fp_accuracy"], abs=1e-9)
+    assert accuracy(model) == pytest.approx(next(r for r in result.runs if r["name"] == "adamw")["fp_accuracy"],
+                                            abs=1e-9)
     from s2d.data import calibration_batches
     calib = calibration_batches(loaders, num_samples=8, batch_size=8, seed=0)
     quantize_model(model, QuantConfig(w_bits=4, a_bits=4), method="rtn", calib=calib, progress=False)
@@ -194,7 +209,7 @@ def test_rerun_reuses_everything(full_run, monkeypatch):
     counter = CountingCell()
     again = run_experiment(cfg, out, progress=False, cell_fn=counter)
     assert counter.calls == []
-    assert again.arms == first.arms and again.cells == first.cells
+    assert again.arms == first.arms and again.runs == first.runs and again.cells == first.cells
 
 
 def test_interrupted_run_finishes_only_missing(tiny, tmp_path, monkeypatch):
@@ -218,7 +233,7 @@ def test_interrupted_run_finishes_only_missing(tiny, tmp_path, monkeypatch):
     assert trained == [False, True]                     # only adamw+s2d is trained now
     assert second.calls == [("rtn", "W4A4"), ("rtn", "W8A8"), ("rtn", "W4A4")]
     assert sorted((c["arm"], c["bits"], c["accuracy"]) for c in res.cells) == sorted(
-        (a, f"W{b}A{b}", 0.25 + 0.01 * b) for a in ("adamw", "adamw+s2d") for b in (8, 4))
+        (a, f"W{b}A{b}", round((0.25 + 0.01 * b) * 16) / 16) for a in ("adamw", "adamw+s2d") for b in (8, 4))
     third = CountingCell()
     run_experiment(cfg, tmp_path / "run", progress=False, cell_fn=third)
     assert third.calls == [] and trained == [False, True]
@@ -273,3 +288,32 @@ def test_failure_before_any_result_releases_the_claim(tiny, tmp_path, monkeypatc
     assert not (tmp_path / "run" / "fingerprint.json").exists()
     other = from_dict(raw_config(*tiny, arms={"names": ["adamw"]}, train={"steps": 1}))
     assert RunDir(tmp_path / "run").claim(other)               # any config may use it now
+
+
+def test_seeds_pair_the_arms_and_extend_a_finished_run(tiny, tmp_path, monkeypatch):
+    """Per seed every arm starts from the same head and sees the same data; the test set is the same
+    for every seed; adding a seed to a finished run trains only the new (arm, seed) pairs."""
+    encoder = make_tiny_model(tmp_path / "encoder", head=False)     # the head is initialised from the seed
+    raw = raw_config(encoder, tiny[1], arms={"names": ["adamw", "adamw+s2d"]}, train={"steps": 2, "eval_every": 1},
+                     quant={"methods": ["rtn"], "bits": ["W8A8"], "method_bits": {}})
+    heads, trained = {}, []
+    real_finetune = experiment.finetune
+
+    def spy(bundle, loaders, train_cfg, **kw):
+        heads[(kw["s2d_config"] is not None, train_cfg.seed)] = bundle.model.classifier.weight.detach().clone()
+        trained.append(train_cfg.seed)
+        return real_finetune(bundle, loaders, train_cfg, **kw)
+
+    monkeypatch.setattr(experiment, "finetune", spy)
+    raw.pop("seed")
+    first = run_experiment(from_dict({**raw, "seeds": [0, 1]}), tmp_path / "run", progress=False,
+                           cell_fn=CountingCell())
+    assert sorted(trained) == [0, 0, 1, 1] and first.seeds == [0, 1]
+    for seed in (0, 1):                                                # paired within a seed
+        torch.testing.assert_close(heads[(False, seed)], heads[(True, seed)], rtol=0, atol=0)
+    assert not torch.equal(heads[(False, 0)], heads[(False, 1)])      # a new head per seed
+    sizes = {r["fp_correct"]["n"] for r in first.runs}
+    assert sizes == {16}                                               # one test set for every seed
+    more = run_experiment(from_dict({**raw, "seeds": [0, 1, 2]}), tmp_path / "run", progress=False,
+                          cell_fn=CountingCell())
+    assert sorted(trained) == [0, 0, 1, 1, 2, 2] and len(more.runs) == 6 and len(more.cells) == 6

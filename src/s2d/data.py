@@ -316,12 +316,13 @@ def _load_splits(dataset: str, fmt_arg: str | None, text_column: str, label_colu
 def build_loaders(dataset: str, bundle: ModelBundle, *, batch_size: int = 32, eval_batch_size: int = 64,
                   data_format: str | None = None, text_column: str = "text", label_column: str = "label",
                   max_length: int = 128, image_size: int | None = None, seed: int = 0,
-                  limit_train: int | None = None, limit_eval: int | None = None) -> Loaders:
+                  limit_train: int | None = None, limit_eval: int | None = None,
+                  subset_seed: int | None = None) -> Loaders:
     """Train/val/test loaders for an asset name or a path, preprocessed for ``bundle``.
 
     Batches: text {"input_ids", "attention_mask", ("token_type_ids"), "labels"}; images
-    {"pixel_values" (B, 3, S, S) float normalised, "labels"}. ``seed`` drives shuffling and the
-    ``limit_*`` subsets (stratified) but never the split itself.
+    {"pixel_values" (B, 3, S, S) float normalised, "labels"}. ``seed`` drives shuffling, and
+    ``subset_seed`` (default ``seed``) the ``limit_*`` subsets (stratified); neither moves the split.
     """
     for field, v in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size), ("max_length", max_length)):
         if v < 1:
@@ -343,7 +344,7 @@ def build_loaders(dataset: str, bundle: ModelBundle, *, batch_size: int = 32, ev
     for k, (items, labels) in enumerate(splits):
         limit = limit_train if k == 0 else limit_eval
         if limit is not None:
-            idx = stratified_subset(labels, limit, seed + k)
+            idx = stratified_subset(labels, limit, (seed if subset_seed is None else subset_seed) + k)
             items = [items[i] for i in idx] if modality == "text" else items[idx]
             labels = labels[idx]
         if len(labels) == 0:

@@ -88,12 +88,27 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                    help="experiment TOML (default: the embedded MiniLM-L6 / Rotten Tomatoes config)")
     p.add_argument("--out", default=None, help="run directory (default runs/<config name>[-quick])")
     p.add_argument("--quick", action="store_true", help="smoke version: the config's [quick] overrides")
+    p.add_argument("--seeds", default=None, metavar="S,S,...",
+                   help="training seeds, e.g. 0,1,2 (replaces the config's seeds; results are kept per seed, so "
+                        "a finished run can be extended with more seeds in the same --out)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_run)
 
 
+def _parse_seeds(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        seeds = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds must be comma-separated integers >= 0 like 0,1,2, got {text!r}") from None
+    if not seeds or min(seeds) < 0:
+        raise ValueError(f"--seeds must be comma-separated integers >= 0 like 0,1,2, got {text!r}")
+    return seeds
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, quick=args.quick)        # validated before anything runs
+    cfg = load_config(args.config, quick=args.quick, seeds=_parse_seeds(args.seeds))   # validated before anything runs
     out = args.out or f"runs/{cfg.name}{'-quick' if args.quick else ''}"
     result = run_experiment(cfg, out, progress=not args.no_progress)
     if PartialState().is_main_process:       # several processes (accelerate launch): one report
@@ -149,8 +164,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     out = Path(args.out or f"runs/inspect-{Path(args.model).name}")
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "layers.json", {"model": args.model, "layers": table, "activations": acts})
-    fake = {"arms": {args.model: {"activations": acts, "qat_bits": None}}}
-    fig_violins(fake, out / "violins.png")
+    fig_violins({args.model: acts}, out / "violins.png")
     text = format_inspect_table(table)
     write_text(out / "layers.md", text + "\n")
     print(text)

@@ -16,7 +16,7 @@ __all__ = ["ARM_KINDS", "SWEEP_KEYS", "SECTIONS", "DATA_FORMATS", "ModelConfig",
 
 ARM_KINDS = ("adamw", "adamw+s2d", "muon", "muon+s2d", "adamw+s2d-all", "qat", "qat+s2d")
 SWEEP_KEYS = ("strength", "interval", "k_max", "tau", "power", "update")
-SECTIONS = ("name", "seed", "model", "data", "train", "s2d", "arms", "sweep", "quant", "probes", "quick")
+SECTIONS = ("name", "seed", "seeds", "model", "data", "train", "s2d", "arms", "sweep", "quant", "probes", "quick")
 DATA_FORMATS = ("csv", "jsonl", "imagefolder", "npz")
 
 
@@ -55,11 +55,13 @@ class DataConfig:
     limit_train: int | None = None     # stratified subset of the train split, examples (None: all)
     limit_eval: int | None = None      # the same for the val and test splits
     calib_samples: int = 32            # training examples used to calibrate PTQ / QAT
+    subset_seed: int = 0               # seed of the limit_* subsets: one test set for every training seed
 
     def __post_init__(self) -> None:
         check_str("data.dataset", self.dataset)
         for key in ("max_length", "image_size", "limit_train", "limit_eval", "calib_samples"):
             check_int(f"data.{key}", getattr(self, key), 1)
+        check_int("data.subset_seed", self.subset_seed, 0)
         if self.format not in (None, *DATA_FORMATS):
             raise ValueError(f"data.format must be one of {', '.join(DATA_FORMATS)}, got {self.format!r}")
         check_str("data.text_column", self.text_column)
@@ -113,7 +115,8 @@ class ProbeConfig:
 class ExperimentConfig:
     """A fully validated `s2d run` config."""
     name: str                          # names the run directory
-    seed: int                          # data order, head initialisation, calibration choice
+    seeds: tuple[int, ...]             # one training per arm and seed: head init, data order, dropout,
+    #                                    calibration choice; every arm of a seed shares them (paired)
     model: ModelConfig
     data: DataConfig
     train: TrainConfig
@@ -125,8 +128,12 @@ class ExperimentConfig:
     raw: dict                          # the merged TOML dict (what the fingerprint is taken of)
 
     def fingerprint(self) -> str:
-        """sha256 of the canonical merged config; a run directory belongs to exactly one."""
-        return hashlib.sha256(json.dumps(self.raw, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        """sha256 of the canonical merged config without its seeds; a run directory belongs to exactly one.
+
+        The seeds are left out: results are stored per seed, so a run may be extended by more seeds.
+        """
+        same = {k: v for k, v in self.raw.items() if k not in ("seed", "seeds")}
+        return hashlib.sha256(json.dumps(same, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def scale_interval(s2d_config: S2DConfig, total_steps: int, min_refreshes: int) -> tuple[S2DConfig, str | None]:

@@ -9,17 +9,24 @@ from pathlib import Path
 import matplotlib
 from matplotlib.figure import Figure
 
-from s2d.pipeline.tables import bits_key, float_arms, qat_kinds, qat_rows, short_name
+from s2d.pipeline.evidence import accuracy_rows, bits_key, estimate_pct, float_arms, qat_kinds
+from s2d.pipeline.tables import short_name
 
-__all__ = ["fig_outliers_over_steps", "fig_violins", "fig_accuracy_vs_bits", "fig_qat", "FIGURES"]
+__all__ = ["fig_outliers_over_steps", "fig_violins", "fig_accuracy_vs_bits", "fig_qat", "FIGURES", "first_runs"]
+
+
+def first_runs(res: dict) -> dict[str, dict]:
+    """Arm -> its run with the first seed (the curves and violins show one seed)."""
+    first = res["seeds"][0]
+    return {r["name"]: r for r in res["runs"] if r["seed"] == first}
 
 
 def fig_outliers_over_steps(res: dict, path: Path) -> Path:
-    """Fig. 1: worst FFN layer max |a| on a fixed probe batch vs optimizer step, one line per arm."""
+    """Fig. 1: worst FFN layer max |a| on a fixed probe batch vs optimizer step, one line per arm (first seed)."""
     fig = Figure(figsize=(7, 4))
     ax = fig.subplots()
-    for name, arm in res["arms"].items():
-        hist = [h for h in arm["train"].get("probe_history", []) if h.get("worst_max_abs") is not None]
+    for name, run in first_runs(res).items():
+        hist = [h for h in run["train"].get("probe_history", []) if h.get("worst_max_abs") is not None]
         if hist:
             ax.plot([h["step"] for h in hist], [h["worst_max_abs"] for h in hist], marker="o", ms=3, label=name)
     ax.set_xlabel("optimizer step")
@@ -31,11 +38,12 @@ def fig_outliers_over_steps(res: dict, path: Path) -> Path:
     return path
 
 
-def fig_violins(res: dict, path: Path, arms: list[str] | None = None, ncols: int = 4) -> Path:
-    """Fig. 2: violin plots of FFN activation samples, one panel per layer, one violin per arm (all
-    arms by default, QAT arms through their float path); x marks each arm's max |a| (symlog axis)."""
-    arms = arms or list(res["arms"])
-    layers = list(dict.fromkeys(k for a in arms for k in res["arms"][a].get("activations", {})))
+def fig_violins(activations: dict[str, dict[str, dict]], path: Path, ncols: int = 4) -> Path:
+    """Fig. 2: violin plots of FFN activation samples, one panel per layer, one violin per arm;
+    ``activations``: arm -> layer -> ActivationStats dict (a run: ``{a: r["activations"] for a, r in
+    first_runs(res).items()}``); x marks each arm's max |a| (symlog axis)."""
+    arms = list(activations)
+    layers = list(dict.fromkeys(k for a in arms for k in activations[a]))
     n = max(1, len(layers))
     ncols = min(ncols, n)
     nrows = -(-n // ncols)
@@ -44,10 +52,10 @@ def fig_violins(res: dict, path: Path, arms: list[str] | None = None, ncols: int
     colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     for idx, layer in enumerate(layers):
         ax = axes[idx // ncols][idx % ncols]
-        present = [(j, a) for j, a in enumerate(arms) if res["arms"][a].get("activations", {}).get(layer, {}).get("sample")]
+        present = [(j, a) for j, a in enumerate(arms) if activations[a].get(layer, {}).get("sample")]
         if not present:
             continue
-        stats = [res["arms"][a]["activations"][layer] for _, a in present]
+        stats = [activations[a][layer] for _, a in present]
         parts = ax.violinplot([st["sample"] for st in stats], positions=range(len(present)), showextrema=False)
         for body, (j, _) in zip(parts["bodies"], present):
             body.set_facecolor(colors[j % len(colors)])
@@ -66,31 +74,39 @@ def fig_violins(res: dict, path: Path, arms: list[str] | None = None, ncols: int
 
 
 def fig_accuracy_vs_bits(res: dict, path: Path) -> Path:
-    """Accuracy vs bit setting, one panel per PTQ method, one line per float arm (dashed = its full
-    precision accuracy); QAT arms appear in every panel as black markers at their own bits."""
-    methods = sorted({c["method"] for c in res["cells"]}) or ["(none)"]
-    arms, qrows, kinds = float_arms(res), qat_rows(res), qat_kinds(res)
-    settings = sorted({c["bits"] for c in res["cells"]} | {r["bits"] for r in qrows}, key=bits_key, reverse=True)
+    """Accuracy vs bit setting, one panel per PTQ method, one line per float arm with 95 % CI error bars
+    over the seeds (dashed: its full-precision mean); QAT kinds appear in every panel as black markers
+    at their own bits."""
+    rows = accuracy_rows(res)
+    methods = sorted({r["method"] for r in rows if r["method"] not in ("-", "QAT")}) or ["(none)"]
+    settings = sorted({r["bits"] for r in rows if r["bits"] != "FP"}, key=bits_key, reverse=True)
     xpos = {b: i for i, b in enumerate(settings)}            # fewest bits on the left
+    fp = next((r for r in rows if r["bits"] == "FP"), {"values": {}})
     fig = Figure(figsize=(4.5 * len(methods), 4))
     axes = fig.subplots(1, len(methods), squeeze=False)
     colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, method in zip(axes[0], methods):
-        for j, arm in enumerate(arms):
-            cells = sorted((c for c in res["cells"] if c["arm"] == arm and c["method"] == method),
-                           key=lambda c: xpos[c["bits"]])
+        for j, arm in enumerate(float_arms(res)):
+            pts = sorted(((xpos[r["bits"]], estimate_pct(r["values"][arm])) for r in rows
+                          if r["method"] == method and arm in r["values"]))
             color = colors[j % len(colors)]
-            ax.plot([xpos[c["bits"]] for c in cells], [100 * c["accuracy"] for c in cells], marker="o",
-                    color=color, label=arm)
-            ax.axhline(100 * res["arms"][arm]["fp_accuracy"], ls="--", lw=0.8, color=color)
-        for k, kind in enumerate(kinds):
-            pts = [r for r in qrows if r["kind"] == kind]
-            ax.scatter([xpos[r["bits"]] for r in pts], [100 * r["qat_accuracy"] for r in pts], color="k",
-                       marker="*^sD"[k % 4], s=50, zorder=3, label=f"{kind} (own bits)")
+            if pts:
+                xs, est = [p[0] for p in pts], [p[1] for p in pts]
+                ax.errorbar(xs, [e[0] for e in est], yerr=[[e[0] - e[1] for e in est], [e[2] - e[0] for e in est]],
+                            marker="o", capsize=3, color=color, label=arm)
+            if arm in fp["values"]:
+                ax.axhline(estimate_pct(fp["values"][arm])[0], ls="--", lw=0.8, color=color)
+        for k, kind in enumerate(qat_kinds(res)):
+            pts = [(xpos[r["bits"]], estimate_pct(r["values"][kind])) for r in rows
+                   if r["method"] == "QAT" and kind in r["values"] and r["bits"] in xpos]
+            if pts:
+                ax.errorbar([p[0] for p in pts], [p[1][0] for p in pts],
+                            yerr=[[p[1][0] - p[1][1] for p in pts], [p[1][2] - p[1][0] for p in pts]],
+                            fmt="*^sD"[k % 4], color="k", ms=8, capsize=3, zorder=3, label=f"{kind} (own bits)")
         ax.set_xticks(range(len(settings)), settings)
         ax.set_title(f"PTQ: {method}")
         ax.set_xlabel("bits")
-        ax.set_ylabel("accuracy (%)")
+        ax.set_ylabel("accuracy (%), mean and 95 % CI")
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -98,21 +114,20 @@ def fig_accuracy_vs_bits(res: dict, path: Path) -> Path:
 
 
 def fig_qat(res: dict, path: Path) -> Path | None:
-    """Fig. 3: QAT accuracy per bit setting, QAT vs QAT+S2D bars."""
-    rows = qat_rows(res)
+    """Fig. 3: QAT accuracy per bit setting, one bar per QAT kind with its 95 % CI."""
+    rows = [r for r in accuracy_rows(res) if r["method"] == "QAT"]
     if not rows:
         return None
-    bits = list(dict.fromkeys(r["bits"] for r in rows))
-    kinds = list(dict.fromkeys(r["kind"] for r in rows))
+    kinds = qat_kinds(res)
     fig = Figure(figsize=(5, 4))
     ax = fig.subplots()
     w = 0.8 / len(kinds)
     for j, kind in enumerate(kinds):
-        vals = {r["bits"]: 100 * r["qat_accuracy"] for r in rows if r["kind"] == kind}
-        ax.bar([i + (j - (len(kinds) - 1) / 2) * w for i in range(len(bits))], [vals.get(b, 0) for b in bits],
-               width=w, label=kind)
-    ax.set_xticks(range(len(bits)), bits)
-    ax.set_ylabel("accuracy (%)")
+        est = [estimate_pct(r["values"][kind]) if kind in r["values"] else (0.0, 0.0, 0.0) for r in rows]
+        ax.bar([i + (j - (len(kinds) - 1) / 2) * w for i in range(len(rows))], [e[0] for e in est], width=w,
+               yerr=[[e[0] - e[1] for e in est], [e[2] - e[0] for e in est]], capsize=3, label=kind)
+    ax.set_xticks(range(len(rows)), [r["bits"] for r in rows])
+    ax.set_ylabel("accuracy (%), mean and 95 % CI")
     ax.set_title("Quantization-aware training")
     ax.legend()
     fig.tight_layout()
@@ -120,5 +135,9 @@ def fig_qat(res: dict, path: Path) -> Path | None:
     return path
 
 
-FIGURES = {"outliers_over_steps": fig_outliers_over_steps, "violins": fig_violins,
+def _violins_of_run(res: dict, path: Path) -> Path:
+    return fig_violins({a: r.get("activations", {}) for a, r in first_runs(res).items()}, path)
+
+
+FIGURES = {"outliers_over_steps": fig_outliers_over_steps, "violins": _violins_of_run,
            "accuracy_vs_bits": fig_accuracy_vs_bits, "qat": fig_qat}

@@ -37,8 +37,9 @@ def default_config_text() -> str:
     return resources.files("s2d").joinpath("configs", DEFAULT_CONFIG).read_text(encoding="utf-8")
 
 
-def load_config(path: str | Path | None = None, quick: bool = False, check_names: bool = True) -> ExperimentConfig:
-    """Read and validate a TOML config; None = the default config."""
+def load_config(path: str | Path | None = None, quick: bool = False, check_names: bool = True,
+                seeds: list[int] | None = None) -> ExperimentConfig:
+    """Read and validate a TOML config; None = the default config. ``seeds`` replaces the config's."""
     if path is None:
         text = default_config_text()
     else:
@@ -51,25 +52,31 @@ def load_config(path: str | Path | None = None, quick: bool = False, check_names
     except tomllib.TOMLDecodeError as err:
         raise ValueError(f"{path or 'default config'}: invalid TOML: {err}") from None
     try:
-        return from_dict(raw, quick=quick, check_names=check_names)
+        return from_dict(raw, quick=quick, check_names=check_names, seeds=seeds)
     except TypeError as err:   # wrong value types reaching a dataclass
         raise ValueError(f"{path or 'default config'}: {err}") from None
 
 
-def from_dict(raw: dict, quick: bool = False, check_names: bool = True) -> ExperimentConfig:
-    """Validate a config dict (parsed TOML). ``quick`` merges the ``[quick]`` tables first.
+def from_dict(raw: dict, quick: bool = False, check_names: bool = True,
+              seeds: list[int] | None = None) -> ExperimentConfig:
+    """Validate a config dict (parsed TOML). ``quick`` merges the ``[quick]`` tables first; ``seeds``
+    (the CLI's ``--seeds``) then replaces the seeds.
 
     check_names=False skips the model/dataset existence checks (for tests of other fields).
     """
     merged = _merge_quick(raw, quick)
+    if seeds is not None:
+        merged = {k: v for k, v in merged.items() if k != "seed"} | {"seeds": list(seeds)}
     for sec in ("model", "data"):
         if sec not in merged:
             raise ValueError(f"config needs a [{sec}] section")
     model = ModelConfig(**_known("model", merged["model"], ModelConfig))
     data = DataConfig(**_known("data", merged["data"], DataConfig))
-    seed = merged.get("seed", 0)
-    check_int("seed", seed, 0)
-    train = TrainConfig(**{"seed": seed, **_known("train", merged.get("train", {"steps": 100}), TrainConfig)})
+    seeds = _seeds(merged)
+    train_tab = _known("train", merged.get("train", {"steps": 100}), TrainConfig)
+    if "seed" in train_tab:
+        raise ValueError("train.seed is set per run from the top-level seeds = [...]; remove it from [train]")
+    train = TrainConfig(**{"seed": seeds[0], **train_tab})
     s2d_tab = _known("s2d", merged.get("s2d", {}), S2DConfig, ("min_refreshes",))
     min_refreshes = s2d_tab.pop("min_refreshes", 4)
     check_int("s2d.min_refreshes", min_refreshes, 0)
@@ -87,8 +94,26 @@ def from_dict(raw: dict, quick: bool = False, check_names: bool = True) -> Exper
     if check_names:
         _check_asset("model.name", model.name, "model")
         _check_asset("data.dataset", data.dataset, "dataset")
-    return ExperimentConfig(name=name, seed=seed, model=model, data=data, train=train, s2d_config=base_s2d,
+    return ExperimentConfig(name=name, seeds=seeds, model=model, data=data, train=train, s2d_config=base_s2d,
                             min_refreshes=min_refreshes, arms=arms, quant=quant, probes=probes, raw=merged)
+
+
+def _seeds(merged: dict) -> tuple[int, ...]:
+    """``seeds = [0, 1, 2]``, or the older ``seed = 0`` (one seed); default (0,)."""
+    if "seed" in merged and "seeds" in merged:
+        raise ValueError("set either seeds = [...] or seed = N, not both")
+    if "seeds" not in merged:
+        seed = merged.get("seed", 0)
+        check_int("seed", seed, 0)
+        return (seed,)
+    seeds = merged["seeds"]
+    if not isinstance(seeds, list) or not seeds:
+        raise ValueError(f"seeds must be a non-empty list of integers >= 0, got {seeds!r}")
+    for s in seeds:
+        check_int("seeds", s, 0)
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds lists a seed twice: {seeds!r}")
+    return tuple(seeds)
 
 
 def _merge_quick(raw: dict, quick: bool) -> dict:
@@ -111,6 +136,8 @@ def _merge_quick(raw: dict, quick: bool) -> dict:
     if not quick:
         return merged
     over = quick_over if quick_over else _DEFAULT_QUICK
+    if "seeds" in over or "seed" in over:          # the quick seeds replace the others, in either spelling
+        merged = {k: v for k, v in merged.items() if k not in ("seed", "seeds")}
     merged = _deep_merge(merged, over)
     quick_train = over.get("train", {}) if isinstance(over.get("train"), dict) else {}
     for key, other in (("steps", "epochs"), ("epochs", "steps")):   # a quick run length replaces the other

@@ -5,13 +5,23 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import json
+
+import numpy as np
+
+from s2d.pipeline.evidence import accuracy_rows, float_arms, qat_kinds, verdict
 from s2d.pipeline.experiment import ExperimentResult
 from s2d.pipeline.figures import FIGURES
 from s2d.pipeline.provenance import machine, versions
-from s2d.pipeline.tables import format_accuracy_table, format_layer_table, format_qat_table, qat_kinds
-from s2d.utils import write_json, write_text
+from s2d.pipeline.rundir import pack_outcomes, unpack_outcomes
+from s2d.pipeline.tables import format_accuracy_table, format_layer_table, format_qat_table
+from s2d.utils import atomic_write, write_json, write_text
 
-__all__ = ["FIGURE_CAPTIONS", "accuracy_caption", "terminal_summary", "render_markdown", "write_report"]
+__all__ = ["FIGURE_CAPTIONS", "OUTCOMES", "accuracy_caption", "verdict_lines", "terminal_summary", "render_markdown",
+           "write_report", "load_results"]
+
+OUTCOMES = "outcomes.npz"     # beside results.json: every per-example outcome vector, keyed as below
+_OUTCOME_FIELDS = (("runs", "fp_correct"), ("runs", "qat_correct"), ("cells", "correct"))
 
 
 FIGURE_CAPTIONS = {
@@ -24,11 +34,28 @@ FIGURE_CAPTIONS = {
 
 def accuracy_caption(res: dict, baseline: str = "adamw", qat_baseline: str = "qat") -> str:
     """One line explaining the main table."""
-    text = (f"Accuracy (%) per bit setting x PTQ method (rows) and arm (columns); in parentheses the "
-            f"difference to {baseline} in percentage points")
+    n_seeds = len(res["seeds"])
+    text = (f"Accuracy (%) per bit setting x PTQ method (rows) and arm (columns): mean over {n_seeds} seed(s) "
+            f"± the half-width of its 95 % CI; in parentheses the paired difference to {baseline} in "
+            f"percentage points with its 95 % CI, * where the CI excludes 0")
     if qat_kinds(res):
         text += f" (QAT rows: each QAT arm at its own bits, difference to {qat_baseline})"
-    return text + "."
+    return text + ". CIs: bootstrap over seeds and test examples (docs/statistics.md)."
+
+
+def verdict_lines(res: dict, baseline: str = "adamw", qat_baseline: str = "qat") -> list[str]:
+    """The report's opening: each arm against the baseline, from the numbers."""
+    lines = []
+    for arm in float_arms(res):
+        if arm != baseline:
+            lines += verdict(res, arm, baseline) + [""]
+    qat = [r for r in accuracy_rows(res, baseline, qat_baseline) if r["method"] == "QAT"]
+    for r in qat:
+        for kind, c in r["deltas"].items():
+            lines += [f"**{kind} vs {qat_baseline}** at {r['bits']}: {100 * c.delta:+.2f} pp "
+                      f"[{100 * c.lo:+.2f}, {100 * c.hi:+.2f}], p={c.p:.3g}"
+                      + (" (significant)" if c.significant else " (not significant)"), ""]
+    return lines
 
 
 def terminal_summary(res: dict, out_dir: Path | str | None = None, baseline: str = "adamw") -> str:
@@ -37,6 +64,7 @@ def terminal_summary(res: dict, out_dir: Path | str | None = None, baseline: str
     if out_dir is not None:
         lines.append(f"report: {out_dir}/report.md   results: {out_dir}/results.json")
     lines += [f"note: {n}" for n in res["notes"]]
+    lines += [""] + [ln for ln in verdict_lines(res, baseline) if ln]
     lines += ["", f"{accuracy_caption(res, baseline)} Wall time {res['wall_s']:.0f} s.",
               format_accuracy_table(res, baseline)]
     return "\n".join(lines)
@@ -50,24 +78,19 @@ def render_markdown(res: dict, figures: dict[str, str], baseline: str = "adamw")
              f"wall time {res['wall_s']:.0f} s (this invocation); machine: {res['machine'].get('platform')}, "
              f"{res['machine'].get('cpu_count')} CPUs{', GPU ' + ', '.join(res['machine']['gpu']) if res['machine'].get('gpu') else ''}.",
              f"PTQ methods: {', '.join(res['methods']) or 'none'}.", ""]
+    parts += ["## Verdict", ""] + verdict_lines(res, baseline)
     if res["notes"]:
         parts += ["## Notes", ""] + [f"- {n}" for n in res["notes"]] + [""]
     parts += ["## Accuracy (Table 2 style)", "", accuracy_caption(res, baseline), "",
               format_accuracy_table(res, baseline), ""]
     qat = format_qat_table(res)
     if qat:
-        parts += ["## Quantization-aware training (accuracy % at the arm's own bits; delta = qat+s2d - qat)",
+        parts += ["## Quantization-aware training (accuracy % at the arm's own bits, mean ± 95 % CI; paired delta)",
                   "", qat, ""]
     parts += ["## FFN layers after fine-tuning (Table 3 style)", "",
-              "PCDR_1, max |a| (on the probe batches) and σ_max of every FFN Linear, per arm "
-              "(QAT arms: float weights after training).", "", format_layer_table(res), ""]
-    parts += ["## Arms", "", "| arm | optimizer | S2D | FP acc | train s | final loss |", "|---|---|---|---|---|---|"]
-    for name, a in res["arms"].items():
-        s2d = a["s2d_config"]
-        s2d_txt = "-" if not s2d else (f"λ={s2d['strength']:g} n={s2d['power']:g} τ={s2d['tau']:g} "
-                                       f"k≤{s2d['k_max']} every {s2d['interval']} ({s2d['selection']}, {s2d['update']})")
-        parts.append(f"| {name} | {a['optimizer']} | {s2d_txt} | {100 * a['fp_accuracy']:.2f} | "
-                     f"{a['train'].get('wall_s', 0):.0f} | {a['train'].get('final_loss', float('nan')):.4f} |")
+              "PCDR_1, max |a| (on the probe batches, padding left out) and σ_max of every FFN Linear, per arm, "
+              "mean over the seeds (QAT arms: float weights after training).", "", format_layer_table(res), ""]
+    parts += _arms_table(res)
     parts += ["", "## Figures", ""]
     for key, rel in figures.items():
         parts += [f"**{FIGURE_CAPTIONS.get(key, key)}**", "", f"![{key}]({rel})", ""]
@@ -75,8 +98,63 @@ def render_markdown(res: dict, figures: dict[str, str], baseline: str = "adamw")
     return "\n".join(parts)
 
 
+def _arms_table(res: dict) -> list[str]:
+    lines = ["## Arms", "", "| arm | optimizer | S2D | seeds | FP acc (mean) | train s (mean) | final loss (mean) |",
+             "|---|---|---|---|---|---|---|"]
+    for name, a in res["arms"].items():
+        s2d = a["s2d_config"]
+        s2d_txt = "-" if not s2d else (f"λ={s2d['strength']:g} n={s2d['power']:g} τ={s2d['tau']:g} "
+                                       f"k≤{s2d['k_max']} every {s2d['interval']} ({s2d['selection']}, {s2d['update']})")
+        runs = [r for r in res["runs"] if r["name"] == name]
+        if not runs:
+            continue
+        mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+        lines.append(f"| {name} | {a['optimizer']} | {s2d_txt} | {len(runs)} | "
+                     f"{100 * mean([r['fp_accuracy'] for r in runs]):.2f} | "
+                     f"{mean([r['train'].get('wall_s', 0) for r in runs]):.0f} | "
+                     f"{mean([r['train'].get('final_loss', float('nan')) for r in runs]):.4f} |")
+    return lines
+
+
+def _outcome_key(section: str, field_name: str, row: dict) -> str:
+    name = row.get("name", row.get("arm"))
+    extra = f"|{row['method']}|{row['bits']}" if section == "cells" else ""
+    return f"{field_name}|{name}|{row['seed']}{extra}"
+
+
+def _split_outcomes(res: dict) -> tuple[dict, dict[str, np.ndarray]]:
+    """(results without the per-example outcomes, key -> outcomes (n,) bool) for results.json + outcomes.npz."""
+    slim = json.loads(json.dumps(res, default=str))
+    arrays = {}
+    for section, field_name in _OUTCOME_FIELDS:
+        for row in slim.get(section, []):
+            packed = row.get(field_name)
+            if packed:
+                arrays[_outcome_key(section, field_name, row)] = unpack_outcomes(packed)
+                row[field_name] = OUTCOMES
+    return slim, arrays
+
+
+def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    with open(path, "wb") as f:            # a file object: numpy would append ".npz" to a name
+        np.savez_compressed(f, **arrays)
+
+
+def load_results(out_dir: Path | str) -> dict:
+    """results.json of a finished run with its outcomes.npz merged back (every table can be recomputed)."""
+    out = Path(out_dir)
+    res = json.loads((out / "results.json").read_text())
+    with np.load(out / OUTCOMES) as z:
+        for section, field_name in _OUTCOME_FIELDS:
+            for row in res.get(section, []):
+                if row.get(field_name) == OUTCOMES:
+                    row[field_name] = pack_outcomes(z[_outcome_key(section, field_name, row)])
+    return res
+
+
 def write_report(result: ExperimentResult | dict, out_dir: Path | str, baseline: str = "adamw") -> dict:
-    """Write results.json, report.md and figures/*.png into ``out_dir``; returns the results dict."""
+    """Write results.json, outcomes.npz, report.md and figures/*.png into ``out_dir``; returns the results
+    dict (with its outcomes)."""
     out = Path(out_dir)
     res = dataclasses.asdict(result) if dataclasses.is_dataclass(result) else dict(result)
     res["versions"] = res.get("versions") or versions()
@@ -89,7 +167,9 @@ def write_report(result: ExperimentResult | dict, out_dir: Path | str, baseline:
         if path is not None:
             figs[key] = str(Path("figures") / path.name)
     res["figures"] = figs
-    write_json(out / "results.json", res)
+    slim, arrays = _split_outcomes(res)
+    atomic_write(out / OUTCOMES, lambda tmp: _save_npz(tmp, arrays))
+    write_json(out / "results.json", slim)
     md = render_markdown(res, figs, baseline)
     write_text(out / "report.md", md)
     return res

@@ -1,109 +1,55 @@
 """The tables of an `s2d run` report, as pure functions of the results dict
 (``dataclasses.asdict(ExperimentResult)``):
 
-(a) Table-2 style accuracy table: rows = bit setting x PTQ method, columns = arms, deltas vs the
-    baseline arm (default "adamw") in percentage points;
+(a) Table-2 style accuracy table: rows = bit setting x PTQ method, columns = arms, mean ± 95 % CI over
+    the seeds and the paired delta vs the baseline arm (default "adamw") with its CI, in pp;
 (b) Table-3 style per-layer table of the FFN layers: PCDR_1, max |a|, σ_max per arm;
 (c) the per-layer table of ``s2d inspect``.
 """
 from __future__ import annotations
 
-import re
-
 from s2d.models import is_ffn_name
+from s2d.pipeline.evidence import accuracy_rows, qat_kinds, table_columns
+from s2d.stats import format_comparison, format_estimate
 
-__all__ = ["float_arms", "bits_key", "qat_kinds", "table_columns", "accuracy_rows", "format_accuracy_table",
-           "qat_rows", "format_qat_table", "is_ffn", "layer_rows", "format_layer_table", "format_inspect_table",
-           "short_name"]
-
-
-def float_arms(res: dict) -> list[str]:
-    """Names of the arms trained in float (not QAT), in config order."""
-    return [n for n, a in res["arms"].items() if a.get("qat_bits") is None]
-
-
-def bits_key(bits: str) -> tuple[int, int]:
-    """Sort key of a "WxAy" label: most bits first."""
-    w, a = re.fullmatch(r"W(\d+)A(\d+)", bits).groups()
-    return -int(w), -int(a)
-
-
-def qat_kinds(res: dict) -> list[str]:
-    """Kinds of the QAT arms ("qat", "qat+s2d"), in config order: the QAT columns of the main table."""
-    return list(dict.fromkeys(a["kind"] for a in res["arms"].values() if a.get("qat_bits")))
-
-
-def table_columns(res: dict) -> list[str]:
-    """Columns of the main table: the float arms, then one column per QAT kind."""
-    return float_arms(res) + qat_kinds(res)
-
-
-def accuracy_rows(res: dict, baseline: str = "adamw", qat_baseline: str = "qat") -> list[dict]:
-    """Rows of the main (Table-2 style) table: "FP" first, then per bit setting (descending) one row per
-    PTQ method and, where QAT arms trained at that setting, a "QAT" row holding each QAT arm's
-    accuracy at its own bits under its kind's column.
-
-    Each row: {"bits", "method", "baseline", "values": {column: accuracy}, "deltas": {column: (acc -
-    baseline acc) * 100}} (percentage points; empty when the row's baseline has no value). The
-    baseline is `baseline` for FP/PTQ rows and `qat_baseline` for QAT rows.
-    """
-    arms = float_arms(res)
-    rows = [{"bits": "FP", "method": "-", "baseline": baseline,
-             "values": {a: res["arms"][a]["fp_accuracy"] for a in arms}}]
-    grid: dict[tuple[str, str], dict[str, float]] = {}
-    for c in res["cells"]:
-        grid.setdefault((c["bits"], c["method"]), {})[c["arm"]] = c["accuracy"]
-    for a in res["arms"].values():
-        if a.get("qat_bits"):
-            grid.setdefault((a["qat_bits"], "QAT"), {})[a["kind"]] = a["qat_accuracy"]
-    # within a bit setting: PTQ methods alphabetically, then QAT
-    for bits, method in sorted(grid, key=lambda k: (bits_key(k[0]), k[1] == "QAT", k[1])):
-        rows.append({"bits": bits, "method": method, "baseline": qat_baseline if method == "QAT" else baseline,
-                     "values": grid[(bits, method)]})
-    for row in rows:
-        base = row["values"].get(row["baseline"])
-        row["deltas"] = {} if base is None else {a: (v - base) * 100 for a, v in row["values"].items()}
-    return rows
+__all__ = ["format_accuracy_table", "format_qat_table", "is_ffn", "layer_rows", "format_layer_table",
+           "format_inspect_table", "short_name"]
 
 
 def format_accuracy_table(res: dict, baseline: str = "adamw", qat_baseline: str = "qat") -> str:
-    """Markdown of `accuracy_rows`: accuracy in %, delta vs the row's baseline in parentheses (pp)."""
+    """Markdown of :func:`~s2d.pipeline.evidence.accuracy_rows`: accuracy in % as mean ±95 % CI half-width
+    over the seeds, and in parentheses the paired difference to the row's baseline in pp with its CI;
+    ``*`` marks a difference whose CI excludes 0."""
     cols = table_columns(res)
     lines = ["| bits | method | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 2)]
     for row in accuracy_rows(res, baseline, qat_baseline):
         cells = []
         for a in cols:
-            v = row["values"].get(a)
-            if v is None:
+            est = row["values"].get(a)
+            if est is None:
                 cells.append("-")
-            elif a == row["baseline"] or a not in row["deltas"]:
-                cells.append(f"{100 * v:.2f}")
+            elif a in row["deltas"]:
+                cells.append(f"{format_estimate(est)} ({format_comparison(row['deltas'][a])})")
             else:
-                cells.append(f"{100 * v:.2f} ({row['deltas'][a]:+.2f})")
+                cells.append(format_estimate(est))
         lines.append(f"| {row['bits']} | {row['method']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def qat_rows(res: dict) -> list[dict]:
-    """QAT arms: {"arm", "kind", "bits", "qat_accuracy", "fp_accuracy"} in config order."""
-    return [{"arm": n, "kind": a["kind"], "bits": a["qat_bits"], "qat_accuracy": a["qat_accuracy"],
-             "fp_accuracy": a["fp_accuracy"]} for n, a in res["arms"].items() if a.get("qat_bits")]
-
-
-def format_qat_table(res: dict) -> str:
-    """Markdown table of the QAT arms per bit setting, with the qat+s2d - qat delta ("" without QAT arms)."""
-    rows = qat_rows(res)
+def format_qat_table(res: dict, qat_baseline: str = "qat") -> str:
+    """Markdown table of the QAT kinds at their own bits with the paired delta to ``qat_baseline``
+    ("" without QAT arms)."""
+    rows = [r for r in accuracy_rows(res, qat_baseline=qat_baseline) if r["method"] == "QAT"]
     if not rows:
         return ""
-    by_bits: dict[str, dict[str, float]] = {}
+    kinds = qat_kinds(res)
+    others = [k for k in kinds if k != qat_baseline]
+    head = ["bits", *kinds] + [f"{k} - {qat_baseline}" for k in others]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        by_bits.setdefault(r["bits"], {})[r["kind"]] = r["qat_accuracy"]
-    kinds = list(dict.fromkeys(r["kind"] for r in rows))
-    lines = ["| bits | " + " | ".join(kinds) + " | delta |", "|" + "---|" * (len(kinds) + 2)]
-    for bits, vals in by_bits.items():
-        delta = (vals["qat+s2d"] - vals["qat"]) * 100 if {"qat", "qat+s2d"} <= set(vals) else None
-        cells = [f"{100 * vals[k]:.2f}" if k in vals else "-" for k in kinds]
-        lines.append(f"| {bits} | " + " | ".join(cells) + f" | {'-' if delta is None else f'{delta:+.2f}'} |")
+        cells = [format_estimate(r["values"][k]) if k in r["values"] else "-" for k in kinds]
+        cells += [format_comparison(r["deltas"][k]) if k in r["deltas"] else "-" for k in others]
+        lines.append(f"| {r['bits']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -116,17 +62,26 @@ def is_ffn(report: dict) -> bool:
 
 
 def layer_rows(res: dict, arms: list[str] | None = None) -> list[dict]:
-    """Table-3 rows, one per FFN layer: {"layer", "role", arm: {"pcdr1", "max_abs", "sigma_max"}}."""
+    """Table-3 rows, one per FFN layer: {"layer", "role", arm: {"pcdr1", "max_abs", "sigma_max"}}, each
+    value the mean over the arm's seeds."""
     arms = arms or list(res["arms"])
-    rows: dict[str, dict] = {}
-    for arm in arms:
-        for rep in res["arms"][arm].get("probes", []):
+    acc: dict[str, dict] = {}
+    for run in res["runs"]:
+        if run["name"] not in arms:
+            continue
+        for rep in run.get("probes", []):
             if not is_ffn(rep):
                 continue
-            row = rows.setdefault(rep["name"], {"layer": rep["name"], "role": rep.get("role", "linear")})
-            row[arm] = {"pcdr1": rep["pcdr"][0] if rep["pcdr"] else float("nan"),
-                        "max_abs": rep["max_abs"], "sigma_max": rep["sigma_max"]}
-    return list(rows.values())
+            row = acc.setdefault(rep["name"], {"layer": rep["name"], "role": rep.get("role", "linear")})
+            vals = row.setdefault(run["name"], {"pcdr1": [], "max_abs": [], "sigma_max": []})
+            vals["pcdr1"].append(rep["pcdr"][0] if rep["pcdr"] else float("nan"))
+            vals["max_abs"].append(rep["max_abs"])
+            vals["sigma_max"].append(rep["sigma_max"])
+    for row in acc.values():
+        for arm in arms:
+            if arm in row:
+                row[arm] = {k: sum(v) / len(v) for k, v in row[arm].items()}
+    return list(acc.values())
 
 
 def format_layer_table(res: dict, arms: list[str] | None = None) -> str:

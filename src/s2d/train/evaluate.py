@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 
 from s2d.utils import eval_mode, real_tokens, to_device, token_mask
 
-__all__ = ["evaluate", "probe_max_abs"]
+__all__ = ["evaluate", "evaluate_examples", "probe_max_abs"]
 
 
 @torch.no_grad()
@@ -33,25 +33,28 @@ def probe_max_abs(model: nn.Module, batch: Mapping[str, torch.Tensor],
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable[dict], progress: bool = True, max_batches: int | None = None) -> float:
-    """Top-1 accuracy in [0, 1] of ``model(**batch).logits`` against ``batch["labels"]``.
-
-    Counts are summed over processes when torch.distributed is initialised.
-    """
+def evaluate_examples(model: nn.Module, loader: Iterable[dict], progress: bool = True,
+                      max_batches: int | None = None) -> torch.Tensor:
+    """Per-example correctness (N,) bool, in loader order, of ``model(**batch).logits`` top-1 against
+    ``batch["labels"]``; on the CPU. Under torch.distributed every process scores the whole loader."""
     device = next(model.parameters()).device
-    correct = torch.zeros((), dtype=torch.long, device=device)
-    total = torch.zeros((), dtype=torch.long, device=device)
     n = len(loader) if max_batches is None else min(max_batches, len(loader))
+    hits = []
     with eval_mode(model):
         for i, batch in enumerate(tqdm(loader, total=n, desc="eval", disable=not progress, leave=False)):
             if i >= n:
                 break
             batch = to_device(batch, device)
             labels = batch.pop("labels")
-            logits = model(**batch).logits
-            correct += (logits.argmax(-1) == labels).sum()
-            total += labels.numel()
+            hits.append((model(**batch).logits.argmax(-1) == labels).cpu())
+    return torch.cat(hits) if hits else torch.zeros(0, dtype=torch.bool)
+
+
+def evaluate(model: nn.Module, loader: Iterable[dict], progress: bool = True, max_batches: int | None = None) -> float:
+    """Top-1 accuracy in [0, 1] (the mean of :func:`evaluate_examples`); counts are summed over the
+    processes when torch.distributed is initialised (a loader sharded by accelerate)."""
+    hits = evaluate_examples(model, loader, progress, max_batches)
+    counts = torch.tensor([int(hits.sum()), hits.numel()], device=next(model.parameters()).device)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(correct)
-        torch.distributed.all_reduce(total)
-    return float(correct) / max(1, int(total))
+        torch.distributed.all_reduce(counts)
+    return float(counts[0]) / max(1, int(counts[1]))

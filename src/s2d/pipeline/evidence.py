@@ -1,0 +1,123 @@
+"""From the per-example outcomes of an `s2d run` to estimates and comparisons (:mod:`s2d.stats`).
+
+The results dict (``dataclasses.asdict(ExperimentResult)``) holds, for every (arm, seed), the test
+outcomes at full precision (and, for QAT arms, at their own bits), and for every PTQ cell the outcomes
+of that (arm, seed, method, bits). A *column* of the main table is a float arm or a QAT kind; a *row*
+is "FP", a PTQ (bits, method) or a "QAT" bits row. Each row's column gets the mean over seeds with a
+95 % CI, and each non-baseline column the paired difference to the row's baseline column, over the
+seeds both have.
+"""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from s2d.pipeline.rundir import unpack_outcomes
+from s2d.stats import Comparison, Estimate, cell_estimate, paired_comparison
+
+__all__ = ["float_arms", "qat_kinds", "table_columns", "bits_key", "outcome_grid", "accuracy_rows", "verdict",
+           "estimate_pct"]
+
+Key = tuple[str, str]            # (bits, method): ("FP", "-"), ("W4A4", "repq"), ("W4A4", "QAT")
+
+
+def float_arms(res: dict) -> list[str]:
+    """Names of the arms trained in float (not QAT), in config order."""
+    return [n for n, a in res["arms"].items() if a.get("qat_bits") is None]
+
+
+def qat_kinds(res: dict) -> list[str]:
+    """Kinds of the QAT arms ("qat", "qat+s2d"), in config order: the QAT columns of the main table."""
+    return list(dict.fromkeys(a["kind"] for a in res["arms"].values() if a.get("qat_bits")))
+
+
+def table_columns(res: dict) -> list[str]:
+    """Columns of the main table: the float arms, then one column per QAT kind."""
+    return float_arms(res) + qat_kinds(res)
+
+
+def bits_key(bits: str) -> tuple[int, int]:
+    """Sort key of a "WxAy" label: most bits first."""
+    w, a = re.fullmatch(r"W(\d+)A(\d+)", bits).groups()
+    return -int(w), -int(a)
+
+
+def outcome_grid(res: dict) -> dict[Key, dict[str, dict[int, np.ndarray]]]:
+    """(bits, method) -> column -> seed -> per-example correctness (n,) bool."""
+    grid: dict[Key, dict[str, dict[int, np.ndarray]]] = {}
+    floats = set(float_arms(res))
+    for r in res["runs"]:
+        if r["name"] in floats and r.get("fp_correct"):
+            grid.setdefault(("FP", "-"), {}).setdefault(r["name"], {})[r["seed"]] = unpack_outcomes(r["fp_correct"])
+        if r.get("qat_bits") and r.get("qat_correct"):
+            col = grid.setdefault((r["qat_bits"], "QAT"), {}).setdefault(r["kind"], {})
+            col[r["seed"]] = unpack_outcomes(r["qat_correct"])
+    for c in res["cells"]:
+        if c.get("correct"):
+            grid.setdefault((c["bits"], c["method"]), {}).setdefault(c["arm"], {})[c["seed"]] = \
+                unpack_outcomes(c["correct"])
+    return grid
+
+
+def _stack(by_seed: dict[int, np.ndarray], seeds: list[int]) -> np.ndarray:
+    return np.stack([by_seed[s] for s in seeds]).astype(float)
+
+
+def accuracy_rows(res: dict, baseline: str = "adamw", qat_baseline: str = "qat") -> list[dict]:
+    """Rows of the main (Table-2 style) table: "FP" first, then per bit setting (descending) one row per
+    PTQ method (alphabetical) and, where QAT arms trained at that setting, a "QAT" row.
+
+    Each row: {"bits", "method", "baseline", "values": {column: Estimate}, "deltas": {column:
+    Comparison against the baseline column}} (accuracies in [0, 1]; no deltas when the row's baseline
+    has no outcomes). The baseline is ``baseline`` for FP/PTQ rows and ``qat_baseline`` for QAT rows.
+    """
+    grid = outcome_grid(res)
+    order = sorted(grid, key=lambda k: (k != ("FP", "-"), bits_key(k[0]) if k[0] != "FP" else (0, 0),
+                                        k[1] == "QAT", k[1]))
+    rows = []
+    for key in order:
+        base = qat_baseline if key[1] == "QAT" else baseline
+        cols = grid[key]
+        values = {c: cell_estimate(_stack(by, sorted(by))) for c, by in cols.items()}
+        deltas: dict[str, Comparison] = {}
+        if base in cols:
+            for c, by in cols.items():
+                shared = sorted(set(by) & set(cols[base]))
+                if c != base and shared:
+                    deltas[c] = paired_comparison(_stack(by, shared), _stack(cols[base], shared))
+        rows.append({"bits": key[0], "method": key[1], "baseline": base, "values": values, "deltas": deltas})
+    return rows
+
+
+def verdict(res: dict, arm: str, baseline: str = "adamw") -> list[str]:
+    """Sentences on ``arm`` against ``baseline`` from :func:`accuracy_rows`: the full-precision delta,
+    the cells whose CI excludes 0 (improved, then worsened), and how many did not move."""
+    rows = [r for r in accuracy_rows(res, baseline) if arm in r["deltas"] and r["method"] != "QAT"]
+    if not rows:
+        return []
+    seeds = max(r["deltas"][arm].seeds for r in rows)
+    examples = rows[0]["deltas"][arm].examples
+    lines = [f"**{arm} vs {baseline}** ({seeds} seed(s) x {examples} test examples; 95 % CI, paired):"]
+    fp = next((r for r in rows if r["bits"] == "FP"), None)
+    if fp is not None:
+        lines.append(f"full precision {_delta(fp['deltas'][arm])}")
+    ptq = [r for r in rows if r["bits"] != "FP"]
+    up = [r for r in ptq if r["deltas"][arm].significant and r["deltas"][arm].delta > 0]
+    down = [r for r in ptq if r["deltas"][arm].significant and r["deltas"][arm].delta < 0]
+    for title, group in (("better", up), ("worse", down)):
+        if group:
+            lines.append(f"{title}: " + "; ".join(f"{r['bits']} {r['method']} {_delta(r['deltas'][arm])}"
+                                                   for r in group))
+    lines.append(f"no significant change in {len(ptq) - len(up) - len(down)} of {len(ptq)} PTQ cells")
+    return lines
+
+
+def _delta(c: Comparison) -> str:
+    return (f"{100 * c.delta:+.2f} pp [{100 * c.lo:+.2f}, {100 * c.hi:+.2f}], p={c.p:.3g}"
+            + (" (significant)" if c.significant else ""))
+
+
+def estimate_pct(e: Estimate) -> tuple[float, float, float]:
+    """(mean, lo, hi) in percent, for plots."""
+    return 100 * e.mean, 100 * e.lo, 100 * e.hi
