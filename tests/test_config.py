@@ -183,13 +183,27 @@ def test_load_config_errors(tmp_path):
 
 def test_embedded_default_parses():
     cfg = load_config(None)
-    assert cfg.name == "text-minilm-rt" and cfg.model.name == "minilm-l6"
-    assert [a.name for a in cfg.arms][:4] == ["adamw", "adamw+s2d", "muon", "adamw+s2d-all"]
-    assert {a.name for a in cfg.arms if a.qat_bits} == {"qat@W4A4", "qat+s2d@W4A4"}
-    assert cfg.quant.bits == ((8, 8), (6, 6), (5, 5), (4, 4), (3, 4))
+    assert cfg.name == "text-minilm-rt" and cfg.model.name == "minilm-l6" and cfg.seeds == (0, 1, 2)
+    assert [a.name for a in cfg.arms] == ["adamw", "adamw+s2d"] and cfg.data.limit_eval == 1281
+    assert cfg.quant.bits == ((6, 6), (5, 5), (4, 4)) and cfg.quant.methods == ("rtn", "repq")
     assert cfg.s2d_config == S2DConfig(strength=5e-4, power=2.0, tau=0.95, k_max=3, interval=100)
     quick = load_config(None, quick=True)
     assert quick.train.steps < cfg.train.steps and quick.fingerprint() != cfg.fingerprint()
+    assert quick.seeds == (0, 1) and load_config(None, quick=True, seeds=[5]).seeds == (5,)
+
+
+def test_seeds_key_and_fingerprint():
+    assert from_dict(BASE).seeds == (0,) and from_dict({**BASE, "seed": 3}).seeds == (3,)
+    three = from_dict({**BASE, "seeds": [0, 1, 2]})
+    assert three.seeds == (0, 1, 2) and three.train.seed == 0
+    assert three.fingerprint() == from_dict(BASE).fingerprint()      # seeds extend a run, same folder
+    assert from_dict(BASE, seeds=[4, 5]).seeds == (4, 5)
+    for bad, msg in (({"seeds": []}, "seeds must be a non-empty list"), ({"seeds": [0, 0]}, "lists a seed twice"),
+                     ({"seeds": [0, -1]}, "seeds must be an integer >= 0"),
+                     ({"seeds": [0], "seed": 0}, "either seeds"),
+                     ({"train": {"steps": 10, "seed": 1}}, "train.seed is set per run")):
+        with pytest.raises(ValueError, match=msg):
+            from_dict({**BASE, **bad})
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.toml")), ids=lambda p: p.name)

@@ -116,7 +116,7 @@ def test_verdict_says_what_was_found(res):
     lines = report.verdict_lines(res)
     text = "\n".join(lines)
     assert "**adamw+s2d vs adamw** (2 seed(s) x 200 test examples" in text
-    assert re.search(r"better: W4A4 rtn \+20\.00 pp \[", text)
+    assert re.search(r"- better: W4A4 rtn \+20\.00 pp \[", text)
     assert "no significant change in 2 of 3 PTQ cells" in text
     assert "**qat+s2d vs qat** at W4A4: +6.00 pp" in text
 

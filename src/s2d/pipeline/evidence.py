@@ -101,15 +101,15 @@ def verdict(res: dict, arm: str, baseline: str = "adamw") -> list[str]:
     lines = [f"**{arm} vs {baseline}** ({seeds} seed(s) x {examples} test examples; 95 % CI, paired):"]
     fp = next((r for r in rows if r["bits"] == "FP"), None)
     if fp is not None:
-        lines.append(f"full precision {_delta(fp['deltas'][arm])}")
+        lines.append(f"- full precision {_delta(fp['deltas'][arm])}")
     ptq = [r for r in rows if r["bits"] != "FP"]
     up = [r for r in ptq if r["deltas"][arm].significant and r["deltas"][arm].delta > 0]
     down = [r for r in ptq if r["deltas"][arm].significant and r["deltas"][arm].delta < 0]
     for title, group in (("better", up), ("worse", down)):
         if group:
-            lines.append(f"{title}: " + "; ".join(f"{r['bits']} {r['method']} {_delta(r['deltas'][arm])}"
+            lines.append(f"- {title}: " + "; ".join(f"{r['bits']} {r['method']} {_delta(r['deltas'][arm])}"
                                                    for r in group))
-    lines.append(f"no significant change in {len(ptq) - len(up) - len(down)} of {len(ptq)} PTQ cells")
+    lines.append(f"- no significant change in {len(ptq) - len(up) - len(down)} of {len(ptq)} PTQ cells")
     return lines
 
 

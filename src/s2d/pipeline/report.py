@@ -106,14 +106,17 @@ def _arms_table(res: dict) -> list[str]:
         s2d_txt = "-" if not s2d else (f"λ={s2d['strength']:g} n={s2d['power']:g} τ={s2d['tau']:g} "
                                        f"k≤{s2d['k_max']} every {s2d['interval']} ({s2d['selection']}, {s2d['update']})")
         runs = [r for r in res["runs"] if r["name"] == name]
-        if not runs:
-            continue
-        mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-        lines.append(f"| {name} | {a['optimizer']} | {s2d_txt} | {len(runs)} | "
-                     f"{100 * mean([r['fp_accuracy'] for r in runs]):.2f} | "
-                     f"{mean([r['train'].get('wall_s', 0) for r in runs]):.0f} | "
-                     f"{mean([r['train'].get('final_loss', float('nan')) for r in runs]):.4f} |")
+        if runs:
+            lines.append(f"| {name} | {a['optimizer']} | {s2d_txt} | {len(runs)} | "
+                         f"{100 * _mean(r['fp_accuracy'] for r in runs):.2f} | "
+                         f"{_mean(r['train'].get('wall_s', 0) for r in runs):.0f} | "
+                         f"{_mean(r['train'].get('final_loss', float('nan')) for r in runs):.4f} |")
     return lines
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values)
 
 
 def _outcome_key(section: str, field_name: str, row: dict) -> str:
