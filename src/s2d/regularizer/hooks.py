@@ -150,9 +150,7 @@ class SelectiveSpectralDecay:
         if not names:
             return
         with torch.no_grad():
-            ok = torch.stack([torch.isfinite(self.targets[n].weight).all()
-                              & (True if self.targets[n].weight.grad is None
-                                 else torch.isfinite(self.targets[n].weight.grad).all()) for n in names])
+            ok = torch.stack([_finite(self.targets[n].weight) for n in names])
         for name, fine in zip(names, ok.tolist()):
             if not fine:
                 self._factors.pop(name, None)
@@ -349,3 +347,9 @@ class SelectiveSpectralDecay:
         self._factors.clear()
         self._penalty.clear()
         self._peaks.clear()
+
+
+def _finite(weight: Tensor) -> Tensor:
+    """0-d bool tensor (no sync): the weight and its gradient, if any, hold no NaN/Inf."""
+    ok = torch.isfinite(weight).all()
+    return ok if weight.grad is None else ok & torch.isfinite(weight.grad).all()
