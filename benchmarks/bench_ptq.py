@@ -91,7 +91,7 @@ def logits_on(model: torch.nn.Module, batches: list[dict]) -> tuple[torch.Tensor
     return torch.cat(logits), torch.cat(labels)
 
 
-def compare(method: str, model, spec: QuantSpec, calib, eval_batches, ref_logits) -> dict:
+def compare(method: str, model, spec: QuantConfig, calib, eval_batches, ref_logits) -> dict:
     t0 = time.perf_counter()
     quantize_model(model, spec, method=method, calib=calib, progress=False)
     seconds = time.perf_counter() - t0

@@ -110,8 +110,6 @@ def full_run(tiny, tmp_path_factory):
 
 def test_local_model_dir_and_csv_load(tiny, tmp_path):
     model_dir, data = tiny
-    from s2d.pipeline.config import DataConfig, ModelConfig
-
     bundle, loaders = load_task(ModelConfig(str(model_dir)), DataConfig(str(data), max_length=16), batch_size=8)
     assert bundle.family == "bert" and bundle.modality == "text" and bundle.tokenizer is not None
     assert loaders.num_labels == 2 and bundle.model.classifier.out_features == 2

@@ -20,7 +20,6 @@ Depends on numpy and the standard library only.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np

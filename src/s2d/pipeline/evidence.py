@@ -9,11 +9,10 @@ seeds both have.
 """
 from __future__ import annotations
 
-import re
-
 import numpy as np
 
 from s2d.pipeline.rundir import unpack_outcomes
+from s2d.quant import Bits
 from s2d.stats import Comparison, Estimate, cell_estimate, paired_comparison
 
 __all__ = ["float_arms", "qat_kinds", "table_columns", "bits_key", "outcome_grid", "accuracy_rows", "verdict",
@@ -39,8 +38,8 @@ def table_columns(res: dict) -> list[str]:
 
 def bits_key(bits: str) -> tuple[int, int]:
     """Sort key of a "WxAy" label: most bits first."""
-    w, a = re.fullmatch(r"W(\d+)A(\d+)", bits).groups()
-    return -int(w), -int(a)
+    parsed = Bits.parse(bits)
+    return -parsed.w, -parsed.a
 
 
 def outcome_grid(res: dict) -> dict[Key, dict[str, dict[int, np.ndarray]]]:

@@ -3,9 +3,8 @@ figures of :mod:`s2d.pipeline.figures`."""
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
-
 import json
+from pathlib import Path
 
 import numpy as np
 

@@ -12,13 +12,13 @@ import logging
 from collections.abc import Iterable, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from tqdm.auto import tqdm
 
 from s2d.quant.linear import QuantLinear
 from s2d.quant.prepare import TOKEN_DIMS, named_quantizers, quantizer_roles
 from s2d.quant.quantizers import Quantizer
-from s2d.utils import eval_mode, to_device
+from s2d.utils import eval_mode, to_device, token_mask
 
 __all__ = ["run_batches", "calibrate_weights", "calibrate"]
 
@@ -38,8 +38,7 @@ def run_batches(model: nn.Module, batches: Iterable[dict], progress: bool = True
         try:
             for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
                 batch = to_device(batch, device, drop_labels=True)
-                mask = batch.get("attention_mask")
-                real = mask.bool() if isinstance(mask, Tensor) and mask.dim() == 2 else None
+                real = token_mask(batch)
                 for q in masked:
                     q.token_mask = real
                 model(**batch)

@@ -18,6 +18,7 @@ from torch.utils.hooks import RemovableHandle
 
 from s2d.models import BlockInfo, blocks
 from s2d.quant.primitives import best_clipping
+from s2d.utils import real_tokens
 
 __all__ = [
     "StopForward", "model_inputs", "take_samples", "sub_batches", "subsample", "require_blocks", "LinearGroup",
@@ -127,9 +128,7 @@ def linear_groups(model: nn.Module, infos: list[BlockInfo] | None = None) -> lis
 def token_rows(x: Tensor, mask: Tensor | None) -> Tensor:
     """``x`` (..., C) as token rows (N, C); when ``mask`` (B, T) matches x's leading dims (x at least
     3-D) only the rows where it is nonzero (real tokens) are kept."""
-    if mask is not None and x.dim() >= 3 and tuple(x.shape[:2]) == tuple(mask.shape):
-        return x[mask.bool()].reshape(-1, x.shape[-1])
-    return x.reshape(-1, x.shape[-1])
+    return real_tokens(x, None if mask is None else mask.bool()).reshape(-1, x.shape[-1])
 
 
 class TokenCapture:
