@@ -141,7 +141,11 @@ class SelectiveSpectralDecay:
                            "(warned once per layer)", name, reason, self.step)
 
     def _drop_nonfinite(self) -> None:
-        """Drop the cached penalty of every penalised layer whose weight or gradient is no longer finite.
+        """Drop the cached penalty of every penalised layer whose weight is no longer finite.
+
+        Only the weights are read: a non-finite gradient makes the weight non-finite at this step's
+        update, so the next step drops the layer; reading the gradients too doubled the cost, which is
+        one pass over the penalised weights per step (``benchmarks/bench_overhead.py --selection all``).
 
         One device sync per step, and only while some layer is penalised. FSDP2-sharded weights are
         left to the next refresh (each rank would see only its own shard).
@@ -150,7 +154,7 @@ class SelectiveSpectralDecay:
         if not names:
             return
         with torch.no_grad():
-            ok = torch.stack([_finite(self.targets[n].weight) for n in names])
+            ok = torch.stack([torch.isfinite(self.targets[n].weight).all() for n in names])
         for name, fine in zip(names, ok.tolist()):
             if not fine:
                 self._factors.pop(name, None)
@@ -158,8 +162,8 @@ class SelectiveSpectralDecay:
                 stats = self._stats.get(name)
                 if stats is not None:
                     self._stats[name] = replace(stats, k_target=None, skipped=True,
-                                                reason="non-finite weight or gradient")
-                self._warn_nonfinite(name, "non-finite weight or gradient")
+                                                reason="non-finite weight")
+                self._warn_nonfinite(name, "non-finite weight")
 
     def _set_factors(self, name: str, f: Spectrum) -> None:
         w = self.targets[name].weight
@@ -347,9 +351,3 @@ class SelectiveSpectralDecay:
         self._factors.clear()
         self._penalty.clear()
         self._peaks.clear()
-
-
-def _finite(weight: Tensor) -> Tensor:
-    """0-d bool tensor (no sync): the weight and its gradient, if any, hold no NaN/Inf."""
-    ok = torch.isfinite(weight).all()
-    return ok if weight.grad is None else ok & torch.isfinite(weight.grad).all()
