@@ -24,6 +24,7 @@ LAYERS = [
     ("s2d.integrations",),
     ("s2d.assets",),
     ("s2d.models",),
+    ("s2d.collate",),
     ("s2d.data", "s2d.probes"),
     ("s2d.quant",),
     ("s2d.train",),
@@ -34,7 +35,7 @@ MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 60
 LONG_REASON = "long function:"      # written on the line above a longer function's ``def``
 # modules allowed to import an s2d module inside a function, and why
-LAZY_IMPORTS = {"s2d.assets.catalog": "the DINOv2 build step pulls in onnx + transformers only when it runs"}
+LAZY_IMPORTS = {"s2d.assets.catalog": "the DINOv2 and SmolLM2 build steps pull in onnx / gguf + transformers only when they run"}
 
 
 def _module_name(path: Path) -> str:

