@@ -102,8 +102,40 @@ def test_inspect_local_model(tiny, tmp_path, capsys):
     assert set(saved["activations"]) == ffn and len(ffn) == 4
     assert (out / "violins.png").read_bytes()[:4] == b"\x89PNG"
     table = (out / "layers.md").read_text()
-    assert table.strip() in printed and "PCDR_3" in table and "kurtosis" in table
+    per_layer, peaks = table.strip().split("\n\n")
+    assert per_layer in printed and peaks in printed and "PCDR_3" in table and "kurtosis" in table
     assert "bert.encoder.layer.1.output.dense" in table
+    assert set(saved["peaks"]) == {n for n in ffn}                 # where each FFN output peaks
+    assert (out / "max_abs_per_layer.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_inspect_sensitivity(tiny, tmp_path, capsys):
+    model_dir, data = tiny
+    out = tmp_path / "inspect"
+    assert main(["inspect", str(model_dir), "--data", str(data), "--out", str(out), "--batches", "1",
+                 "--batch-size", "8", "--max-length", "16", "--sensitivity", "W4A4", "--sensitivity-examples", "16",
+                 "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    rep = json.loads((out / "sensitivity.json").read_text())
+    assert rep["bits"] == "W4A4" and rep["method"] == "rtn" and rep["examples"] == 16
+    assert len(rep["sites"]) == 2 * 14 + 4 * 2                      # 14 Linears (head included), 2 attention modules
+    kls = [s["kl"] for s in rep["sites"]]
+    assert kls == sorted(kls, reverse=True) and all(k >= 0 for k in kls)
+    assert "S2D selects" in printed and (out / "sensitivity.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["inspect", str(model_dir), "--data", str(data), "--sensitivity", "W4A9"]) == 2
+    assert "--sensitivity: bit widths" in capsys.readouterr().err
+
+
+def test_quantize_and_evaluate_commands(tiny, tmp_path, capsys):
+    model_dir, data = tiny
+    row = tmp_path / "q.json"
+    assert main(["quantize", str(model_dir), "--data", str(data), "--bits", "W8A8", "--batch-size", "16",
+                 "--max-length", "16", "--out", str(row), "--no-progress"]) == 0
+    saved = json.loads(row.read_text())
+    assert 0 <= saved["accuracy"] <= 1 and 0 <= saved["fp_accuracy"] <= 1 and "perplexity" not in saved
+    assert f"{100 * saved['accuracy']:.2f}%" in capsys.readouterr().out
+    assert main(["evaluate", str(model_dir), "--data", str(data), "--max-length", "16", "--no-progress"]) == 0
+    assert f"{100 * saved['fp_accuracy']:.2f}%" in capsys.readouterr().out
 
 
 def test_run_end_to_end(tiny, tmp_path, capsys):

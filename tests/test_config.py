@@ -170,6 +170,10 @@ def test_fingerprint_stable_and_value_sensitive(tmp_path):
     assert load_config(tmp_path / "a.toml").fingerprint() == fa                # repeatable
     (tmp_path / "c.toml").write_text(text_a.replace("steps = 5", "steps = 6"))
     assert load_config(tmp_path / "c.toml").fingerprint() != fa
+    (tmp_path / "d.toml").write_text(text_a + "[probes]\nsensitivity_examples = 64\n")   # adds files only
+    assert load_config(tmp_path / "d.toml").fingerprint() == fa
+    (tmp_path / "e.toml").write_text(text_a + "[probes]\nbatches = 3\nsensitivity_examples = 64\n")
+    assert load_config(tmp_path / "e.toml").fingerprint() != fa
 
 
 def test_load_config_errors(tmp_path):
@@ -185,7 +189,8 @@ def test_embedded_default_parses():
     cfg = load_config(None)
     assert cfg.name == "text-minilm-rt" and cfg.model.name == "minilm-l6" and cfg.seeds == (0, 1, 2)
     assert [a.name for a in cfg.arms] == ["adamw", "adamw+s2d"] and cfg.data.limit_eval == 1281
-    assert cfg.quant.bits == ((6, 6), (5, 5), (4, 4)) and cfg.quant.methods == ("rtn", "repq")
+    assert cfg.quant.bits == ((5, 5), (4, 4)) and cfg.quant.methods == ("rtn", "repq")
+    assert cfg.probes.sensitivity_examples == 64
     assert cfg.s2d_config == S2DConfig(strength=5e-4, power=2.0, tau=0.95, k_max=3, interval=100)
     quick = load_config(None, quick=True)
     assert quick.train.steps < cfg.train.steps and quick.fingerprint() != cfg.fingerprint()

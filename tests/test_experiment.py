@@ -315,3 +315,31 @@ def test_seeds_pair_the_arms_and_extend_a_finished_run(tiny, tmp_path, monkeypat
     more = run_experiment(from_dict({**raw, "seeds": [0, 1, 2]}), tmp_path / "run", progress=False,
                           cell_fn=CountingCell())
     assert sorted(trained) == [0, 0, 1, 1, 2, 2] and len(more.runs) == 6 and len(more.cells) == 6
+
+
+def test_sensitivity_bits_is_the_mildest_setting_that_hurts():
+    runs = [{"name": "adamw", "fp_accuracy": 0.80}]
+    cells = [{"arm": "adamw", "method": "rtn", "bits": b, "accuracy": a}
+             for b, a in (("W8A8", 0.79), ("W6A6", 0.76), ("W5A5", 0.70), ("W4A4", 0.50))]
+    cells.append({"arm": "adamw", "method": "repq", "bits": "W8A8", "accuracy": 0.10})   # another method
+    assert experiment.sensitivity_bits(runs, cells, "rtn") == "W5A5"
+    assert experiment.sensitivity_bits(runs, cells[:2], "rtn") is None
+    assert experiment.sensitivity_bits([{"name": "muon", "fp_accuracy": 0.8}], cells, "rtn") is None
+
+
+def test_run_with_sensitivity(tiny, tmp_path):
+    from s2d.pipeline.report import write_report
+    cfg = from_dict(raw_config(*tiny, arms={"names": ["adamw", "adamw+s2d"]}, probes={"sensitivity_examples": 16},
+                               quant={"bits": ["W8A8", "W4A4"], "methods": ["rtn"]}))
+    out = tmp_path / "run"
+    res = run_experiment(cfg, out, progress=False, cell_fn=CountingCell())   # fake cells: every setting hurts
+    assert set(res.sensitivity) == {"adamw", "adamw+s2d"}
+    rep = res.sensitivity["adamw"]
+    assert rep["bits"] == "W8A8" and rep["method"] == "rtn" and rep["examples"] == 16
+    assert (out / "sensitivity" / "adamw@s0.json").exists()
+    write_report(res, out)
+    md = (out / "report.md").read_text()
+    assert "## Which quantization sites cost the accuracy" in md and "S2D selects" in md
+    assert (out / "figures" / "sensitivity.png").exists()
+    again = run_experiment(cfg, out, progress=False, cell_fn=CountingCell())
+    assert again.sensitivity == res.sensitivity                     # read back, not recomputed

@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-from transformers import PreTrainedTokenizerBase
 
 from s2d.assets import fetch
+from s2d.collate import ImageCollate, PromptCollate, TextCollate
 from s2d.models import ModelBundle
 
 logger = logging.getLogger(__name__)
@@ -238,41 +238,6 @@ def _read_npz(path: Path) -> tuple[torch.Tensor, np.ndarray, list[str]]:
     return torch.from_numpy(x.astype(np.uint8)), y.astype(np.int64), [str(i) for i in range(int(y.max()) + 1)]
 
 
-# ----------------------------------------------------------------------------- collate
-
-class ImageCollate:
-    """uint8 (B, C, h, w) -> normalised float (B, 3, S, S) ``pixel_values`` + ``labels``."""
-
-    def __init__(self, size: int, mean: Sequence[float], std: Sequence[float]):
-        self.size = size
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
-
-    def __call__(self, batch) -> dict[str, torch.Tensor]:
-        x = torch.stack([b[0] for b in batch]).float() / 255.0
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        if x.shape[-2:] != (self.size, self.size):
-            x = torch.nn.functional.interpolate(x, size=(self.size, self.size), mode="bilinear",
-                                                align_corners=False)
-        return {"pixel_values": (x - self.mean) / self.std,
-                "labels": torch.tensor([b[1] for b in batch], dtype=torch.long)}
-
-
-class TextCollate:
-    """Tokenise a batch with dynamic padding (to the longest item, at most ``max_length``)."""
-
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int):
-        self.tokenizer, self.max_length = tokenizer, max_length
-
-    def __call__(self, batch) -> dict[str, torch.Tensor]:
-        enc = self.tokenizer([b[0] for b in batch], padding=True, truncation=True,
-                             max_length=self.max_length, return_tensors="pt")
-        out = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-        out["labels"] = torch.tensor([b[1] for b in batch], dtype=torch.long)
-        return out
-
-
 # ----------------------------------------------------------------------------- entry point
 
 def _detect_format(path: Path, data_format: str | None) -> str:
@@ -317,12 +282,13 @@ def build_loaders(dataset: str, bundle: ModelBundle, *, batch_size: int = 32, ev
                   data_format: str | None = None, text_column: str = "text", label_column: str = "label",
                   max_length: int = 128, image_size: int | None = None, seed: int = 0,
                   limit_train: int | None = None, limit_eval: int | None = None,
-                  subset_seed: int | None = None) -> Loaders:
+                  subset_seed: int | None = None, prompt: str | None = None) -> Loaders:
     """Train/val/test loaders for an asset name or a path, preprocessed for ``bundle``.
 
     Batches: text {"input_ids", "attention_mask", ("token_type_ids"), "labels"}; images
     {"pixel_values" (B, 3, S, S) float normalised, "labels"}. ``seed`` drives shuffling, and
     ``subset_seed`` (default ``seed``) the ``limit_*`` subsets (stratified); neither moves the split.
+    ``prompt`` (a template with one ``{text}``) formats text for a causal LM (:class:`PromptCollate`).
     """
     for field, v in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size), ("max_length", max_length)):
         if v < 1:
@@ -337,7 +303,10 @@ def build_loaders(dataset: str, bundle: ModelBundle, *, batch_size: int = 32, ev
     if modality == "text":
         if bundle.tokenizer is None:
             raise ValueError(f"model {bundle.name!r} has no tokenizer; cannot load text dataset {dataset!r}")
-        collate = TextCollate(bundle.tokenizer, max_length)
+        collate = (PromptCollate(bundle.tokenizer, max_length, prompt) if prompt is not None
+                   else TextCollate(bundle.tokenizer, max_length))
+    elif prompt is not None:
+        raise ValueError(f"data.prompt applies to text data; dataset {dataset!r} is {modality} data")
     else:
         collate = ImageCollate(size, bundle.image_mean or (0.5,) * 3, bundle.image_std or (0.5,) * 3)
     sets = []

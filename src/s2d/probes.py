@@ -23,7 +23,8 @@ from s2d.utils import eval_mode, real_tokens, to_device, token_mask
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ActivationStats", "LayerReport", "capture_activations", "spectral_table", "quantile_from_top"]
+__all__ = ["ActivationStats", "LayerReport", "PeakLocation", "capture_activations", "spectral_table", "peak_locations",
+           "quantile_from_top"]
 
 _TAIL = 0.02   # fraction of the largest |a| kept (2x what p99 needs, slack for later batches)
 
@@ -167,10 +168,10 @@ def _run(model: nn.Module, batches: Iterable, hooks: dict[str, nn.Module],
             for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
                 if isinstance(batch, Mapping):
                     batch = to_device(batch, device, drop_labels=True)
-                    current["mask"] = token_mask(batch)
+                    current["mask"], current["batch"] = token_mask(batch), batch
                     model(**batch)
                 else:
-                    current["mask"] = None
+                    current["mask"], current["batch"] = None, None
                     model(batch.to(device))
     finally:
         for h in handles:
@@ -251,3 +252,50 @@ def spectral_table(model: nn.Module, batches: Iterable[dict], modules: Mapping[s
             max_abs=a.max_abs if a else math.nan, kurtosis=a.kurtosis if a else math.nan,
             p99=a.p99 if a else math.nan, p999=a.p999 if a else math.nan, role=roles.get(name, "linear")))
     return rows
+
+
+@dataclass
+class PeakLocation:
+    """Where a module's largest |output| sits in the probe batches (the "massive activation")."""
+    name: str                  # module name
+    max_abs: float             # |a| of the entry
+    batch: int                 # index of the batch
+    example: int               # row in that batch
+    token: int | None          # sequence position (None for a (B, C) output)
+    channel: int               # output feature
+    token_id: int | None       # the input id at that position (text batches with input_ids)
+
+
+def peak_locations(model: nn.Module, batches: Iterable[dict], modules: Mapping[str, nn.Module] | None = None,
+                   progress: bool = True) -> dict[str, PeakLocation]:
+    """For each module (default: every nn.Linear), the position of its largest |output| entry over
+    ``batches``: batch, example, token, channel and input id. Padding positions are left out."""
+    modules = dict(_linear_modules(model) if modules is None else modules)
+    found: dict[str, PeakLocation] = {}
+    current: dict = {"mask": None, "batch": None, "index": -1}
+
+    def make(name):
+        def hook(module, args, output):
+            if not (isinstance(output, Tensor) and output.is_floating_point() and output.dim() in (2, 3)):
+                return
+            a = output.detach().abs().float()
+            if a.dim() == 3 and current["mask"] is not None and tuple(current["mask"].shape) == tuple(a.shape[:2]):
+                a = a.masked_fill(~current["mask"][..., None].to(a.device), -1.0)
+            flat = int(a.argmax())
+            value = float(a.reshape(-1)[flat])
+            if name in found and found[name].max_abs >= value:
+                return
+            *pos, channel = torch.unravel_index(torch.tensor(flat), a.shape)
+            ids = (current["batch"] or {}).get("input_ids")
+            token = int(pos[1]) if a.dim() == 3 else None
+            token_id = int(ids[int(pos[0]), token]) if token is not None and isinstance(ids, Tensor) else None
+            found[name] = PeakLocation(name, value, current["index"], int(pos[0]), token, int(channel), token_id)
+        return hook
+
+    def counted(items):
+        for i, b in enumerate(items):
+            current["index"] = i
+            yield b
+
+    _run(model, counted(batches), modules, make, progress, "peaks", current)
+    return found

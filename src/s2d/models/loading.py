@@ -3,6 +3,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -17,16 +18,17 @@ from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from s2d import assets
 from s2d.assets.dinov2_onnx import IMAGENET_MEAN, IMAGENET_STD
-from s2d.models.wrappers import NaFlexClassifier, TimmClassifier
+from s2d.models.wrappers import CausalLMClassifier, NaFlexClassifier, TimmClassifier, label_token_ids
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TASKS", "ModelBundle", "load"]
+__all__ = ["TASKS", "CAUSAL_LM_FAMILIES", "ModelBundle", "load", "with_label_words"]
 
 TASKS = ("classification", "causal-lm", "backbone")
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 _FAMILY = {"bert": "bert", "mpnet": "mpnet", "dinov2": "dinov2", "vit": "vit", "siglip": "siglip",
            "siglip2": "siglip", "clip": "clip", "qwen2": "qwen2", "llama": "llama"}
+CAUSAL_LM_FAMILIES = ("qwen2", "llama")      # classified through label-word likelihoods (CausalLMClassifier)
 _IMAGE_FAMILIES = {"dinov2", "vit", "siglip", "clip", "timm-vit"}
 _DEFAULT_STATS = {"dinov2": (IMAGENET_MEAN, IMAGENET_STD), "vit": ((0.5,) * 3, (0.5,) * 3),
                   "siglip": ((0.5,) * 3, (0.5,) * 3), "clip": (CLIP_MEAN, CLIP_STD)}
@@ -115,9 +117,11 @@ def load(name_or_path: str, task: str = "classification", num_labels: int | None
          image_size: int | None = None) -> ModelBundle:
     """Load a model for ``task`` ("classification" | "causal-lm" | "backbone") as a :class:`ModelBundle`.
 
-    Classification builds ``*ForSequenceClassification`` for text encoders / LLMs and
+    Classification builds ``*ForSequenceClassification`` for text encoders and
     ``*ForImageClassification`` for ViTs (DINOv2: CLS + mean patch token -> Linear) with a new head of
-    ``num_labels`` outputs on the pretrained encoder. ``image_size`` (pixels) overrides the input
+    ``num_labels`` outputs on the pretrained encoder. A causal LM (``CAUSAL_LM_FAMILIES``) keeps its LM
+    head and is wrapped in :class:`CausalLMClassifier`, which scores the placeholder tokens 0, 1, ...
+    until :func:`with_label_words` names the answer words. ``image_size`` (pixels) overrides the input
     resolution; position embeddings are interpolated.
     """
     if task not in TASKS:
@@ -135,17 +139,32 @@ def load(name_or_path: str, task: str = "classification", num_labels: int | None
     if family is None:
         raise ValueError(f"{name_or_path}: unsupported model_type {config.model_type!r}; "
                          f"supported: {', '.join(sorted(_FAMILY))}")
-    if task == "causal-lm" and family not in ("qwen2", "llama"):
+    if task == "causal-lm" and family not in CAUSAL_LM_FAMILIES:
         raise ValueError(f"task 'causal-lm' needs a causal LM (qwen2, llama), {name_or_path} is {family}")
     modality = "image" if family in _IMAGE_FAMILIES else "text"
     tokenizer = _tokenizer(src, name_or_path) if modality == "text" else None
-    model = _from_pretrained(src, config, task, modality, num_labels, tokenizer)
+    if task == "classification" and family in CAUSAL_LM_FAMILIES:
+        if tokenizer is None:
+            raise ValueError(f"{name_or_path}: a causal LM needs its tokenizer to be used as a classifier")
+        lm = _from_pretrained(src, config, "causal-lm", modality, None, tokenizer)
+        model = CausalLMClassifier(lm, range(num_labels))   # placeholder answer tokens until with_label_words
+    else:
+        model = _from_pretrained(src, config, task, modality, num_labels, tokenizer)
     bundle = ModelBundle(model=model, modality=modality, family=family, name=name_or_path, tokenizer=tokenizer,
                          num_labels=num_labels if task == "classification" else None)
     if modality == "image":
         _fit_image_input(bundle, src, config, task, image_size)
     bundle.model.eval()
     return bundle
+
+
+def with_label_words(bundle: ModelBundle, words: list[str]) -> ModelBundle:
+    """The bundle of a :class:`CausalLMClassifier` scoring ``words`` (one single-token word per class)."""
+    if not isinstance(bundle.model, CausalLMClassifier):
+        raise ValueError(f"label words apply to a causal LM loaded for classification ({', '.join(CAUSAL_LM_FAMILIES)}); "
+                         f"{bundle.name} holds a {type(bundle.model).__name__}")
+    model = CausalLMClassifier(bundle.model.lm, label_token_ids(bundle.tokenizer, words))
+    return dataclasses.replace(bundle, model=model.train(bundle.model.training), num_labels=len(words))
 
 
 def _tokenizer(src: str, name: str) -> PreTrainedTokenizerBase | None:

@@ -8,29 +8,25 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import subprocess
 import sys
-from itertools import islice
 from pathlib import Path
 
 from accelerate import PartialState
 from safetensors.torch import save_model
 
 from s2d import assets
-from s2d.data import Loaders, calibration_batches
-from s2d.models import ModelBundle, ffn_modules
-from s2d.pipeline.config import DataConfig, ModelConfig
-from s2d.pipeline.experiment import load_task, ptq_cell, run_experiment
-from s2d.pipeline.figures import fig_violins
+from s2d.data import calibration_batches
+from s2d.pipeline.experiment import ptq_cell, run_experiment
+from s2d.pipeline.inspection import add_inspect, cli_task
 from s2d.pipeline.parse import load_config
 from s2d.pipeline.report import terminal_summary, write_report
-from s2d.pipeline.tables import format_inspect_table
-from s2d.probes import capture_activations, spectral_table
 from s2d.quant import Bits, QuantConfig, available_methods
 from s2d.quant.qat import convert_qat
 from s2d.regularizer import S2DConfig
-from s2d.train import TrainConfig, TrainingDiverged, evaluate, finetune
-from s2d.utils import jsonable, write_json, write_text
+from s2d.train import Outcomes, TrainConfig, TrainingDiverged, evaluate, evaluate_outcomes, finetune
+from s2d.utils import write_json
 
 log = logging.getLogger("s2d")
 
@@ -117,61 +113,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-# --------------------------------------------------------------------------- inspect
-
-def _add_inspect(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("inspect", help="diagnostics of a model: per-layer σ_max, PCDR, max |a|, violins",
-                       description="Per-layer table (σ_max, PCDR_1..k, k_target, max |a|, kurtosis) of every "
-                                   "Linear on a few real batches, and FFN activation violin plots.")
-    p.add_argument("model", help="s2d asset name, local Hugging Face directory, or hub id")
-    p.add_argument("--data", default=None,
-                   help="dataset asset or path (default: rotten-tomatoes for text, fashion-mnist for images)")
-    p.add_argument("--out", default=None, help="output directory (default runs/inspect-<model>)")
-    p.add_argument("--batches", type=int, default=2, help="number of batches to run (default 2)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-length", type=int, default=64)
-    p.add_argument("--k-max", type=int, default=3)
-    p.add_argument("--tau", type=float, default=0.95)
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=_cmd_inspect)
-
-
-def _default_data(model: str) -> str:
-    if (model in assets.REGISTRY and "dinov2" in model) or model.startswith("timm:"):
-        return "fashion-mnist"
-    return "rotten-tomatoes"
-
-
-def _task(model: str, data: str | None, *, max_length: int = 64, batch_size: int = 32,
-          limit_train: int | None = None, limit_eval: int | None = None, seed: int = 0) -> tuple[ModelBundle, Loaders]:
-    data = data or _default_data(model)
-    return load_task(ModelConfig(model), DataConfig(data, max_length=max_length, limit_train=limit_train,
-                                                limit_eval=limit_eval), batch_size=batch_size,
-                     eval_batch_size=batch_size, seed=seed)
-
-
-def _cmd_inspect(args: argparse.Namespace) -> int:
-    if args.batches < 1:
-        raise ValueError(f"--batches must be >= 1, got {args.batches}")
-    bundle, loaders = _task(args.model, args.data, max_length=args.max_length, batch_size=args.batch_size,
-                            limit_eval=args.batches * args.batch_size)
-    batches = list(islice(iter(loaders.test), args.batches))
-    progress = not args.no_progress
-    table = [jsonable(r) for r in spectral_table(bundle.model, batches, k_max=args.k_max, tau=args.tau,
-                                                  progress=progress)]
-    acts = {k: jsonable(v) for k, v in capture_activations(bundle.model, batches, modules=ffn_modules(bundle.model),
-                                                            sample_size=2048, progress=progress).items()}
-    out = Path(args.out or f"runs/inspect-{Path(args.model).name}")
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "layers.json", {"model": args.model, "layers": table, "activations": acts})
-    fig_violins({args.model: acts}, out / "violins.png")
-    text = format_inspect_table(table)
-    write_text(out / "layers.md", text + "\n")
-    print(text)
-    print(f"\nwritten: {out}/layers.json, {out}/layers.md, {out}/violins.png")
-    return 0
-
-
 # --------------------------------------------------------------------------- finetune / quantize / evaluate
 
 def _add_finetune(sub: argparse._SubParsersAction) -> None:
@@ -211,7 +152,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
                            k_max=args.s2d_k_max, power=args.s2d_power, update=args.s2d_update,
                            selection=args.s2d_selection) if args.s2d else None
     qat = _quant_config(Bits.parse(args.qat, "--qat")) if args.qat else None
-    bundle, loaders = _task(args.model, args.data, max_length=args.max_length, batch_size=args.batch_size,
+    bundle, loaders = cli_task(args.model, args.data, max_length=args.max_length, batch_size=args.batch_size,
                             limit_train=args.limit_train, limit_eval=args.limit_eval, seed=args.seed)
     out = Path(args.out)
     res = finetune(bundle, loaders, train_cfg, optimizer=args.optimizer, s2d_config=s2d_config, qat=qat,
@@ -256,18 +197,27 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     bits = Bits.parse(args.bits, "--bits")
     if args.method not in available_methods():
         raise ValueError(f"unknown PTQ method {args.method!r}; registered: {', '.join(available_methods())}")
-    bundle, loaders = _task(args.model, args.data, max_length=args.max_length, batch_size=args.batch_size,
+    bundle, loaders = cli_task(args.model, args.data, max_length=args.max_length, batch_size=args.batch_size,
                             limit_eval=args.limit_eval)
     progress = not args.no_progress
     calib = calibration_batches(loaders, num_samples=args.calib_samples, batch_size=args.batch_size)
-    fp = evaluate(bundle.model, loaders.test, progress=progress)
-    acc = ptq_cell(bundle.model, _quant_config(bits), args.method, calib, loaders.test, progress)
+    fp = _scores(evaluate_outcomes(bundle.model, loaders.test, progress=progress))
+    q = _scores(ptq_cell(bundle.model, _quant_config(bits), args.method, calib, loaders.test, progress))
     row = {"model": args.model, "data": args.data, "method": args.method, "bits": args.bits,
-           "fp_accuracy": fp, "accuracy": acc}
+           **{f"fp_{k}": v for k, v in fp.items()}, **q}
     if args.out:
         write_json(Path(args.out), row)
-    print(f"{args.model} {args.method} {args.bits}: {100 * acc:.2f}% (float {100 * fp:.2f}%)")
+    ppl = f", perplexity {q['perplexity']:.2f} (float {fp['perplexity']:.2f})" if "perplexity" in q else ""
+    print(f"{args.model} {args.method} {args.bits}: {100 * q['accuracy']:.2f}% (float {100 * fp['accuracy']:.2f}%){ppl}")
     return 0
+
+
+def _scores(outcomes: Outcomes) -> dict[str, float]:
+    """{"accuracy"} in [0, 1], and for causal LMs {"perplexity"}: exp of the mean per-example text NLL."""
+    scores = {"accuracy": float(outcomes.correct.float().mean())}
+    if outcomes.nll is not None:
+        scores["perplexity"] = math.exp(float(outcomes.nll.double().mean()))
+    return scores
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
@@ -283,10 +233,11 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    bundle, loaders = _task(args.model, args.data, max_length=args.max_length, batch_size=args.batch_size,
+    bundle, loaders = cli_task(args.model, args.data, max_length=args.max_length, batch_size=args.batch_size,
                             limit_eval=args.limit_eval)
-    acc = evaluate(bundle.model, loaders.test, progress=not args.no_progress)
-    print(f"{args.model} on {args.data}: {100 * acc:.2f}%")
+    scores = _scores(evaluate_outcomes(bundle.model, loaders.test, progress=not args.no_progress))
+    ppl = f", held-out perplexity {scores['perplexity']:.2f}" if "perplexity" in scores else ""
+    print(f"{args.model} on {args.data}: {100 * scores['accuracy']:.2f}%{ppl}")
     return 0
 
 
@@ -332,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_SUBCOMMANDS = [_add_run, _add_inspect, _add_finetune, _add_quantize, _add_evaluate, _add_assets, _add_bench]
+_SUBCOMMANDS = [_add_run, add_inspect, _add_finetune, _add_quantize, _add_evaluate, _add_assets, _add_bench]
 
 
 def main(argv: list[str] | None = None) -> int:

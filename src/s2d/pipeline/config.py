@@ -12,12 +12,13 @@ from s2d.regularizer import S2DConfig
 from s2d.train import TrainConfig
 
 __all__ = ["ARM_KINDS", "SWEEP_KEYS", "SECTIONS", "DATA_FORMATS", "ModelConfig", "DataConfig", "ArmConfig",
-           "QuantGridConfig", "ProbeConfig", "ExperimentConfig", "check_int", "check_str", "scale_interval"]
+           "QuantGridConfig", "ProbeConfig", "ExperimentConfig", "DEFAULT_PROMPT", "check_int", "check_str", "scale_interval"]
 
 ARM_KINDS = ("adamw", "adamw+s2d", "muon", "muon+s2d", "adamw+s2d-all", "qat", "qat+s2d")
 SWEEP_KEYS = ("strength", "interval", "k_max", "tau", "power", "update")
 SECTIONS = ("name", "seed", "seeds", "model", "data", "train", "s2d", "arms", "sweep", "quant", "probes", "quick")
 DATA_FORMATS = ("csv", "jsonl", "imagefolder", "npz")
+DEFAULT_PROMPT = "Text: {text}\nLabel:"   # the causal-LM prompt when data.prompt is not set
 
 
 def check_str(name: str, value: object) -> None:
@@ -56,6 +57,9 @@ class DataConfig:
     limit_eval: int | None = None      # the same for the val and test splits
     calib_samples: int = 32            # training examples used to calibrate PTQ / QAT
     subset_seed: int = 0               # seed of the limit_* subsets: one test set for every training seed
+    prompt: str | None = None          # causal LMs: the template with one {text} (None: DEFAULT_PROMPT)
+    label_words: tuple[str, ...] | None = None  # causal LMs: one single-token answer word per class
+    #                                    (None: the dataset's label names)
 
     def __post_init__(self) -> None:
         check_str("data.dataset", self.dataset)
@@ -66,6 +70,13 @@ class DataConfig:
             raise ValueError(f"data.format must be one of {', '.join(DATA_FORMATS)}, got {self.format!r}")
         check_str("data.text_column", self.text_column)
         check_str("data.label_column", self.label_column)
+        if self.prompt is not None and (not isinstance(self.prompt, str) or self.prompt.count("{text}") != 1):
+            raise ValueError(f"data.prompt must be a string with '{{text}}' exactly once, got {self.prompt!r}")
+        if self.label_words is not None:
+            if isinstance(self.label_words, str) or len(self.label_words) < 2 or not all(
+                    isinstance(w, str) and w.strip() for w in self.label_words):
+                raise ValueError(f"data.label_words must be a list of >= 2 non-empty words, got {self.label_words!r}")
+            object.__setattr__(self, "label_words", tuple(self.label_words))
 
 
 @dataclass(frozen=True)
@@ -105,10 +116,13 @@ class ProbeConfig:
     """The probes run on every trained arm."""
     batches: int = 2                   # test batches the per-layer table and violins are computed on
     sample_size: int = 2048            # activation values kept per FFN layer for the violins
+    sensitivity_examples: int = 0      # test examples of the per-site sensitivity (first seed, baseline and
+    #                                    S2D arms, RTN at the mildest setting costing the baseline > 5 pp); 0: off
 
     def __post_init__(self) -> None:
         check_int("probes.batches", self.batches, 1)
         check_int("probes.sample_size", self.sample_size, 1)
+        check_int("probes.sensitivity_examples", self.sensitivity_examples, 0)
 
 
 @dataclass(frozen=True)
@@ -130,9 +144,13 @@ class ExperimentConfig:
     def fingerprint(self) -> str:
         """sha256 of the canonical merged config without its seeds; a run directory belongs to exactly one.
 
-        The seeds are left out: results are stored per seed, so a run may be extended by more seeds.
+        Left out: the seeds (results are stored per seed, so a run may be extended by more seeds) and
+        ``probes.sensitivity_examples`` (the sensitivity analysis adds files and changes no other result).
         """
         same = {k: v for k, v in self.raw.items() if k not in ("seed", "seeds")}
+        probes = {k: v for k, v in same.pop("probes", {}).items() if k != "sensitivity_examples"}
+        if probes:
+            same["probes"] = probes
         return hashlib.sha256(json.dumps(same, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

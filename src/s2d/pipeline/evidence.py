@@ -9,14 +9,16 @@ seeds both have.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from s2d.pipeline.rundir import unpack_outcomes
 from s2d.quant import Bits
 from s2d.stats import Comparison, Estimate, cell_estimate, paired_comparison
 
-__all__ = ["float_arms", "qat_kinds", "table_columns", "bits_key", "outcome_grid", "accuracy_rows", "verdict",
-           "estimate_pct"]
+__all__ = ["METRICS", "float_arms", "qat_kinds", "table_columns", "bits_key", "outcome_grid", "accuracy_rows",
+           "has_nll", "verdict", "perplexity_verdict", "ratio_pct", "estimate_pct"]
 
 Key = tuple[str, str]            # (bits, method): ("FP", "-"), ("W4A4", "repq"), ("W4A4", "QAT")
 
@@ -42,20 +44,25 @@ def bits_key(bits: str) -> tuple[int, int]:
     return -parsed.w, -parsed.a
 
 
-def outcome_grid(res: dict) -> dict[Key, dict[str, dict[int, np.ndarray]]]:
-    """(bits, method) -> column -> seed -> per-example correctness (n,) bool."""
+METRICS = {"accuracy": ("fp_correct", "correct"), "nll": ("fp_nll", "nll")}  # metric -> (run, cell) field
+
+
+def outcome_grid(res: dict, metric: str = "accuracy") -> dict[Key, dict[str, dict[int, np.ndarray]]]:
+    """(bits, method) -> column -> seed -> per-example outcomes (n,): correctness (``metric="accuracy"``)
+    or the causal LM's text NLL in nats/token (``"nll"``; no QAT rows)."""
+    run_field, cell_field = METRICS[metric]
     grid: dict[Key, dict[str, dict[int, np.ndarray]]] = {}
     floats = set(float_arms(res))
     for r in res["runs"]:
-        if r["name"] in floats and r.get("fp_correct"):
-            grid.setdefault(("FP", "-"), {}).setdefault(r["name"], {})[r["seed"]] = unpack_outcomes(r["fp_correct"])
-        if r.get("qat_bits") and r.get("qat_correct"):
+        if r["name"] in floats and r.get(run_field):
+            grid.setdefault(("FP", "-"), {}).setdefault(r["name"], {})[r["seed"]] = unpack_outcomes(r[run_field])
+        if metric == "accuracy" and r.get("qat_bits") and r.get("qat_correct"):
             col = grid.setdefault((r["qat_bits"], "QAT"), {}).setdefault(r["kind"], {})
             col[r["seed"]] = unpack_outcomes(r["qat_correct"])
     for c in res["cells"]:
-        if c.get("correct"):
+        if c.get(cell_field):
             grid.setdefault((c["bits"], c["method"]), {}).setdefault(c["arm"], {})[c["seed"]] = \
-                unpack_outcomes(c["correct"])
+                unpack_outcomes(c[cell_field])
     return grid
 
 
@@ -63,15 +70,16 @@ def _stack(by_seed: dict[int, np.ndarray], seeds: list[int]) -> np.ndarray:
     return np.stack([by_seed[s] for s in seeds]).astype(float)
 
 
-def accuracy_rows(res: dict, baseline: str = "adamw", qat_baseline: str = "qat") -> list[dict]:
+def accuracy_rows(res: dict, baseline: str = "adamw", qat_baseline: str = "qat", metric: str = "accuracy") -> list[dict]:
     """Rows of the main (Table-2 style) table: "FP" first, then per bit setting (descending) one row per
     PTQ method (alphabetical) and, where QAT arms trained at that setting, a "QAT" row.
 
     Each row: {"bits", "method", "baseline", "values": {column: Estimate}, "deltas": {column:
-    Comparison against the baseline column}} (accuracies in [0, 1]; no deltas when the row's baseline
-    has no outcomes). The baseline is ``baseline`` for FP/PTQ rows and ``qat_baseline`` for QAT rows.
+    Comparison against the baseline column}} (accuracies in [0, 1], or mean NLL in nats/token for
+    ``metric="nll"``; no deltas when the row's baseline has no outcomes). The baseline is ``baseline``
+    for FP/PTQ rows and ``qat_baseline`` for QAT rows.
     """
-    grid = outcome_grid(res)
+    grid = outcome_grid(res, metric)
     order = sorted(grid, key=lambda k: (k != ("FP", "-"), bits_key(k[0]) if k[0] != "FP" else (0, 0),
                                         k[1] == "QAT", k[1]))
     rows = []
@@ -110,6 +118,38 @@ def verdict(res: dict, arm: str, baseline: str = "adamw") -> list[str]:
                                                    for r in group))
     lines.append(f"- no significant change in {len(ptq) - len(up) - len(down)} of {len(ptq)} PTQ cells")
     return lines
+
+
+def has_nll(res: dict) -> bool:
+    """Whether the run kept per-example text NLLs (a causal LM)."""
+    return any(r.get("fp_nll") for r in res["runs"])
+
+
+def perplexity_verdict(res: dict, arm: str, baseline: str = "adamw") -> list[str]:
+    """Sentences on ``arm``'s held-out perplexity against ``baseline``: the full-precision ratio and
+    the PTQ cells whose CI excludes no change, as perplexity ratios in % (exp of the NLL difference)."""
+    rows = [r for r in accuracy_rows(res, baseline, metric="nll") if arm in r["deltas"]]
+    if not rows:
+        return []
+    fp = next((r for r in rows if r["bits"] == "FP"), None)
+    lines = [f"- held-out perplexity, full precision {_ratio(fp['deltas'][arm])}" if fp else None]
+    ptq = [r for r in rows if r["bits"] != "FP"]
+    sig = [r for r in ptq if r["deltas"][arm].significant]
+    if sig:
+        lines.append("- perplexity changed: " + "; ".join(f"{r['bits']} {r['method']} {_ratio(r['deltas'][arm])}"
+                                                        for r in sig))
+    lines.append(f"- perplexity unchanged in {len(ptq) - len(sig)} of {len(ptq)} PTQ cells")
+    return [ln for ln in lines if ln]
+
+
+def ratio_pct(c: Comparison) -> tuple[float, float, float]:
+    """An NLL difference as the perplexity ratio arm / baseline - 1, in % (delta, lo, hi)."""
+    return tuple(100 * math.expm1(v) for v in (c.delta, c.lo, c.hi))
+
+
+def _ratio(c: Comparison) -> str:
+    d, lo, hi = ratio_pct(c)
+    return f"{d:+.2f} % [{lo:+.2f}, {hi:+.2f}], p={c.p:.3g}" + (" (significant)" if c.significant else "")
 
 
 def _delta(c: Comparison) -> str:

@@ -27,15 +27,17 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from s2d.data import Loaders, build_loaders, calibration_batches
-from s2d.models import ModelBundle, ffn_modules, load
-from s2d.pipeline.config import ArmConfig, DataConfig, ExperimentConfig, ModelConfig, scale_interval
+from s2d.models import CausalLMClassifier, ModelBundle, ffn_modules, load, with_label_words
+from s2d.pipeline.config import DEFAULT_PROMPT, ArmConfig, DataConfig, ExperimentConfig, ModelConfig, scale_interval
 from s2d.pipeline.provenance import machine, versions
 from s2d.pipeline.rundir import ArmResult, CellResult, RunDir, pack_outcomes
 from s2d.probes import capture_activations, spectral_table
-from s2d.quant import QuantConfig, available_methods, quantize_model, set_quantization
+from s2d.quant import Bits, QuantConfig, available_methods, quantize_model, set_quantization
+from s2d.quant.api import check_method
+from s2d.quant.sensitivity import site_sensitivity
 from s2d.quant.qat import convert_qat
 from s2d.regularizer import S2DConfig
-from s2d.train import evaluate_examples, finetune
+from s2d.train import Outcomes, evaluate_examples, evaluate_outcomes, finetune
 from s2d.utils import jsonable
 
 logger = logging.getLogger(__name__)
@@ -53,6 +55,7 @@ class ExperimentResult:
     methods: list[str]         # PTQ methods run
     notes: list[str]           # what the run changed on its own (e.g. a scaled S2D interval)
     wall_s: float              # seconds of this invocation
+    sensitivity: dict[str, dict] = field(default_factory=dict)  # arm -> SensitivityReport dict (first seed)
     versions: dict[str, str] = field(default_factory=dict)
     machine: dict[str, object] = field(default_factory=dict)
 
@@ -61,16 +64,29 @@ class ExperimentResult:
 
 def load_task(model: ModelConfig, data: DataConfig, *, batch_size: int = 32, eval_batch_size: int = 64,
               seed: int = 0) -> tuple[ModelBundle, Loaders]:
-    """Pretrained bundle with a fresh classification head sized for the data, and the data loaders."""
+    """Pretrained bundle with a fresh classification head sized for the data, and the data loaders.
+
+    A causal LM keeps its LM head: it reads ``data.prompt`` and answers with ``data.label_words``
+    (:class:`s2d.models.CausalLMClassifier`).
+    """
     torch.manual_seed(seed)
     bundle = load(model.name, num_labels=2, image_size=model.image_size)
+    causal = isinstance(bundle.model, CausalLMClassifier)
+    if not causal and (data.prompt is not None or data.label_words is not None):
+        raise ValueError(f"data.prompt and data.label_words apply to causal LMs; {model.name} is {bundle.family}")
     loaders = build_loaders(data.dataset, dataclasses.replace(bundle, num_labels=None), batch_size=batch_size,
                             eval_batch_size=eval_batch_size, data_format=data.format,
                             text_column=data.text_column, label_column=data.label_column,
                             max_length=data.max_length, image_size=data.image_size or model.image_size,
                             seed=seed, limit_train=data.limit_train, limit_eval=data.limit_eval,
-                            subset_seed=data.subset_seed)
-    if loaders.num_labels != 2:                  # the head size comes from the data
+                            subset_seed=data.subset_seed, prompt=(data.prompt or DEFAULT_PROMPT) if causal else None)
+    if causal:
+        words = list(data.label_words or loaders.label_names)
+        if len(words) != loaders.num_labels:
+            raise ValueError(f"data.label_words has {len(words)} words but {data.dataset} has "
+                             f"{loaders.num_labels} classes ({', '.join(loaders.label_names)})")
+        bundle = with_label_words(bundle, words)
+    elif loaders.num_labels != 2:                # the head size comes from the data
         torch.manual_seed(seed)
         bundle = load(model.name, num_labels=loaders.num_labels, image_size=model.image_size)
     return bundle, loaders
@@ -88,13 +104,13 @@ def probe_model(model: nn.Module, batches: list[dict], s2d_config: S2DConfig | N
 
 
 def ptq_cell(float_model: nn.Module, quant_config: QuantConfig, method: str, calib: list[dict],
-             loader: DataLoader, progress: bool, config: object = None) -> torch.Tensor:
-    """Per-example correctness (N,) bool of a deepcopy of ``float_model`` quantized with ``method``."""
+             loader: DataLoader, progress: bool, config: object = None) -> Outcomes:
+    """Per-example outcomes of a deepcopy of ``float_model`` quantized with ``method``."""
     qmodel = copy.deepcopy(float_model)
     quantize_model(qmodel, quant_config, method=method, calib=calib, config=config, progress=progress)
-    correct = evaluate_examples(qmodel, loader, progress=progress)
+    outcomes = evaluate_outcomes(qmodel, loader, progress=progress)
     del qmodel
-    return correct
+    return outcomes
 
 
 @dataclass
@@ -132,7 +148,8 @@ def train_arm(arm: ArmConfig, task: _Task) -> tuple[ArmResult, nn.Module]:
         qat_hits = evaluate_examples(model, loaders.test, progress=progress)
         set_quantization(model, False)          # float path through the same weights
     model.eval()
-    fp_hits = evaluate_examples(model, loaders.test, progress=progress)
+    fp = evaluate_outcomes(model, loaders.test, progress=progress)
+    fp_hits = fp.correct
     fp_acc = float(fp_hits.float().mean())
     qat_acc = float(qat_hits.float().mean()) if qat_hits is not None else None
     probes, acts = probe_model(model, task.probe_batches, arm.s2d_config or cfg.s2d_config,
@@ -143,7 +160,8 @@ def train_arm(arm: ArmConfig, task: _Task) -> tuple[ArmResult, nn.Module]:
                     s2d_config=jsonable(arm.s2d_config), qat_bits=arm.qat_bits.name if arm.qat_bits else None,
                     fp_accuracy=fp_acc, qat_accuracy=qat_acc, train=jsonable(tres), probes=probes,
                     activations=acts, wall_s=time.perf_counter() - t0, fp_correct=pack_outcomes(fp_hits),
-                    qat_correct=pack_outcomes(qat_hits) if qat_hits is not None else None)
+                    qat_correct=pack_outcomes(qat_hits) if qat_hits is not None else None,
+                    fp_nll=pack_outcomes(fp.nll) if fp.nll is not None else None)
     run.save_arm(res)
     if run.writer:
         shutil.rmtree(train_dir, ignore_errors=True)   # optimizer state is large; final weights are kept
@@ -174,7 +192,7 @@ def resolve_arms(cfg: ExperimentConfig, total_steps: int) -> tuple[list[ArmConfi
 
 # --------------------------------------------------------------------------- the job
 
-CellFn = Callable[[nn.Module, QuantConfig, str, list[dict], DataLoader, bool, object], torch.Tensor]
+CellFn = Callable[[nn.Module, QuantConfig, str, list[dict], DataLoader, bool, object], "Outcomes | torch.Tensor"]
 
 
 def run_experiment(cfg: ExperimentConfig, out_dir: Path | str, progress: bool = True,
@@ -182,17 +200,20 @@ def run_experiment(cfg: ExperimentConfig, out_dir: Path | str, progress: bool = 
     """Run (or continue) every arm, seed and PTQ cell of ``cfg`` in ``out_dir``; returns the results.
 
     Finished (arm, seed) results and cells found in ``out_dir`` are reused, never recomputed;
-    ``cell_fn`` computes one PTQ cell's per-example correctness (injectable for tests).
+    ``cell_fn`` computes one PTQ cell's :class:`~s2d.train.Outcomes` (or just its per-example correctness;
+    injectable for tests).
     """
     t0 = time.perf_counter()
     state = PartialState()      # joins the process group under accelerate launch / torchrun; else a no-op
     run = RunDir(out_dir, writer=state.is_main_process)
     run.check(cfg)              # another config's folder is refused before anything is loaded
     first = _load(cfg, cfg.seeds[0])
+    for method in _grid_methods(cfg):      # a method that cannot quantize this model fails now, not after training
+        check_method(first[0].model, method, cfg.quant.method_config(method))
     claimed = run.claim(cfg)    # only now: bad data or a bad model never locks the folder
     state.wait_for_everyone()
     try:
-        runs, cells, notes, methods = [], [], [], []
+        runs, cells, notes, methods, sensitivity = [], [], [], [], {}
         for seed in cfg.seeds:
             bundle, loaders = first if seed == cfg.seeds[0] else _load(cfg, seed)
             task, arms, seed_notes = _seed_task(cfg, seed, run, bundle, loaders, progress)
@@ -201,6 +222,8 @@ def run_experiment(cfg: ExperimentConfig, out_dir: Path | str, progress: bool = 
             seed_runs, seed_cells = _run_arms(task, arms, cell_fn)
             runs += seed_runs
             cells += seed_cells
+            if seed == cfg.seeds[0] and cfg.probes.sensitivity_examples:
+                sensitivity = _run_sensitivity(task, arms, seed_runs, seed_cells)
     except BaseException:
         if claimed and run.release_if_unused():
             logger.info("%s: nothing was computed; the folder is free again", run.root)
@@ -209,7 +232,12 @@ def run_experiment(cfg: ExperimentConfig, out_dir: Path | str, progress: bool = 
                          "qat_bits": a.qat_bits.name if a.qat_bits else None} for a in arms}
     return ExperimentResult(config=cfg.raw, fingerprint=cfg.fingerprint(), seeds=list(cfg.seeds), arms=arm_info,
                             runs=runs, cells=cells, methods=methods, notes=notes,
-                            wall_s=time.perf_counter() - t0, versions=versions(), machine=machine())
+                            wall_s=time.perf_counter() - t0, versions=versions(), machine=machine(),
+                            sensitivity=sensitivity)
+
+
+def _grid_methods(cfg: ExperimentConfig) -> list[str]:
+    return [m for m in available_methods() if "all" in cfg.quant.methods or m in cfg.quant.methods]
 
 
 def _load(cfg: ExperimentConfig, seed: int) -> tuple[ModelBundle, Loaders]:
@@ -225,7 +253,7 @@ def _seed_task(cfg: ExperimentConfig, seed: int, run: RunDir, bundle: ModelBundl
                                            batch_size=min(cfg.data.calib_samples, cfg.train.eval_batch_size),
                                            seed=seed),
                  probe_batches=list(islice(iter(loaders.test), cfg.probes.batches)),
-                 methods=[m for m in available_methods() if "all" in cfg.quant.methods or m in cfg.quant.methods],
+                 methods=_grid_methods(cfg),
                  progress=progress)
     return task, arms, notes
 
@@ -264,11 +292,55 @@ def _run_cells(arm: ArmConfig, task: _Task, model: nn.Module | None, cell_fn: Ce
                 if model is None:
                     model = load_arm_model(arm, task.seed, task.pristine, task.run)
                 tc = time.perf_counter()
-                hits = cell_fn(model, grid.quant_config(bits), method, task.calib, task.loaders.test, task.progress,
-                               grid.method_config(method))
-                cell = CellResult(arm.name, task.seed, method, bits.name, bits.w, bits.a, float(hits.float().mean()),
-                                  time.perf_counter() - tc, pack_outcomes(hits))
+                out = cell_fn(model, grid.quant_config(bits), method, task.calib, task.loaders.test, task.progress,
+                              grid.method_config(method))
+                out = out if isinstance(out, Outcomes) else Outcomes(out)
+                cell = CellResult(arm.name, task.seed, method, bits.name, bits.w, bits.a,
+                                  float(out.correct.float().mean()), time.perf_counter() - tc,
+                                  pack_outcomes(out.correct), pack_outcomes(out.nll) if out.nll is not None else None)
                 task.run.save_cell(cell)
                 logger.info("PTQ %s seed %d %s %s: %.4f", arm.name, task.seed, method, cell.bits, cell.accuracy)
             cells.append(dataclasses.asdict(cell))
     return cells
+
+
+SENSITIVITY_BASELINE = "adamw"   # the arm whose PTQ loss picks the sensitivity's bit setting
+SENSITIVITY_DROP = 0.05          # ... the mildest setting at which it loses more than this accuracy
+
+
+def sensitivity_bits(runs: list[dict], cells: list[dict], method: str) -> str | None:
+    """The mildest bit setting (most bits) at which the baseline arm's ``method`` cell falls more than
+    SENSITIVITY_DROP below its float accuracy (one seed's ``runs`` and ``cells``), or None."""
+    fp = next((r["fp_accuracy"] for r in runs if r["name"] == SENSITIVITY_BASELINE), None)
+    if fp is None:
+        return None
+    hurt = [Bits.parse(c["bits"]) for c in cells if c["arm"] == SENSITIVITY_BASELINE and c["method"] == method
+            and fp - c["accuracy"] > SENSITIVITY_DROP]
+    return max(hurt).name if hurt else None
+
+
+def _run_sensitivity(task: _Task, arms: list[ArmConfig], runs: list[dict], cells: list[dict]) -> dict[str, dict]:
+    """Per-site sensitivity of the baseline and every float S2D arm (resumable, one file per arm)."""
+    method = "rtn" if "rtn" in task.methods else (task.methods or ["rtn"])[0]
+    bits = sensitivity_bits(runs, cells, method)
+    if bits is None:
+        logger.info("sensitivity: %s loses <= %.0f pp at every setting; skipped", SENSITIVITY_BASELINE,
+                    100 * SENSITIVITY_DROP)
+        return {}
+    n = task.cfg.probes.sensitivity_examples
+    test = list(islice(iter(task.loaders.test), -(-n // task.cfg.train.eval_batch_size)))
+    out = {}
+    for arm in arms:
+        if arm.qat_bits is not None or not (arm.name == SENSITIVITY_BASELINE or arm.s2d_config is not None):
+            continue
+        rep = task.run.load_sensitivity(arm.name, task.seed)
+        if rep is None:
+            model = load_arm_model(arm, task.seed, task.pristine, task.run)
+            rep = jsonable(site_sensitivity(model, task.cfg.quant.quant_config(Bits.parse(bits)), task.calib,
+                                            test, method=method, batch_size=task.cfg.train.eval_batch_size,
+                                            progress=task.progress))
+            task.run.save_sensitivity(arm.name, task.seed, rep)
+            logger.info("sensitivity %s %s: top site %s (KL %.3g)", arm.name, bits, rep["sites"][0]["site"],
+                        rep["sites"][0]["kl"])
+        out[arm.name] = rep
+    return out

@@ -1,6 +1,6 @@
 """The figures of an `s2d run` report (matplotlib ``Figure`` objects, no pyplot state), each a function of the results dict:
 Fig. 1 worst-layer max |a| over training steps, Fig. 2 FFN activation violins, accuracy vs bits,
-Fig. 3 QAT bars.
+Fig. 3 QAT bars; and ``s2d inspect``'s max |a| per layer.
 """
 from __future__ import annotations
 
@@ -12,7 +12,19 @@ from matplotlib.figure import Figure
 from s2d.pipeline.evidence import accuracy_rows, bits_key, estimate_pct, float_arms, qat_kinds
 from s2d.pipeline.tables import short_name
 
-__all__ = ["fig_outliers_over_steps", "fig_violins", "fig_accuracy_vs_bits", "fig_qat", "FIGURES", "first_runs"]
+__all__ = ["fig_outliers_over_steps", "fig_violins", "fig_accuracy_vs_bits", "fig_qat", "fig_max_abs_per_layer",
+           "fig_sensitivity", "FIGURES", "first_runs"]
+
+
+def _finish(fig: Figure, ax, path: Path, xlabel: str, ylabel: str, title: str) -> Path:
+    """Label a one-panel figure, add its legend, and save it at 120 dpi."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
 
 
 def first_runs(res: dict) -> dict[str, dict]:
@@ -29,13 +41,8 @@ def fig_outliers_over_steps(res: dict, path: Path) -> Path:
         hist = [h for h in run["train"].get("probe_history", []) if h.get("worst_max_abs") is not None]
         if hist:
             ax.plot([h["step"] for h in hist], [h["worst_max_abs"] for h in hist], marker="o", ms=3, label=name)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("max |a| of the worst FFN layer")
-    ax.set_title("Activation outliers during fine-tuning")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    return path
+    return _finish(fig, ax, path, "optimizer step", "max |a| of the worst FFN layer",
+                   "Activation outliers during fine-tuning")
 
 
 def fig_violins(activations: dict[str, dict[str, dict]], path: Path, ncols: int = 4) -> Path:
@@ -135,9 +142,54 @@ def fig_qat(res: dict, path: Path) -> Path | None:
     return path
 
 
+def fig_max_abs_per_layer(layers: list[dict], path: Path) -> Path:
+    """max |a| of each Linear's output per block, one line per role (log scale): where in depth the
+    outliers sit; ``layers``: LayerReport dicts of ``s2d inspect`` (model order)."""
+    lines: dict[tuple[str, str], list[float]] = {}       # (role, Linear's own name) -> one value per block
+    for r in layers:
+        if r.get("role") not in (None, "other", "head", "linear"):
+            lines.setdefault((r["role"], r["name"].rsplit(".", 1)[-1]), []).append(r["max_abs"])
+    shared = {role for role, _ in lines if sum(k[0] == role for k in lines) > 1}   # gate + up: both fc1
+    fig = Figure(figsize=(8, 4))
+    ax = fig.subplots()
+    for (role, leaf), values in lines.items():
+        label = f"{role} ({leaf})" if role in shared else role
+        ax.plot(range(len(values)), values, marker="o", ms=3, lw=2.0 if role == "fc2" else 1.0,
+                label=f"{label} output" + (" (FFN down-projection)" if role == "fc2" else ""))
+    ax.set_yscale("log")
+    return _finish(fig, ax, path, "block", "max |a| on the probe batches", "Largest activation per layer")
+
+
+def fig_sensitivity(reports: dict[str, dict], path: Path, top: int = 20) -> Path:
+    """Held-out KL of each site quantized alone (log scale), for the ``top`` sites of the first report,
+    one bar per report side by side (``reports``: label -> SensitivityReport dict)."""
+    labels = list(reports)
+    first = reports[labels[0]]["sites"][:top]
+    names = [f"{short_name(s['module'])}:{s['role']}" for s in first]
+    fig = Figure(figsize=(max(8, 0.45 * len(names) + 2), 4.5))
+    ax = fig.subplots()
+    width = 0.8 / len(labels)
+    for j, label in enumerate(labels):
+        kl = {s["site"]: s["kl"] for s in reports[label]["sites"]}
+        ax.bar([i + j * width for i in range(len(first))], [max(kl.get(s["site"], 0.0), 1e-8) for s in first],
+               width=width, label=label)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(first))], names, rotation=70, ha="right", fontsize=7)
+    ax.set_yscale("log")
+    ax.set_ylabel("KL(float || only this site quantized)")
+    ax.set_title(f"Quantization damage per site at {reports[labels[0]]['bits']} ({reports[labels[0]]['method']})")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
+
+
 def _violins_of_run(res: dict, path: Path) -> Path:
     return fig_violins({a: r.get("activations", {}) for a, r in first_runs(res).items()}, path)
 
 
+def _sensitivity_of_run(res: dict, path: Path) -> Path | None:
+    return fig_sensitivity(res["sensitivity"], path) if res.get("sensitivity") else None
+
+
 FIGURES = {"outliers_over_steps": fig_outliers_over_steps, "violins": _violins_of_run,
-           "accuracy_vs_bits": fig_accuracy_vs_bits, "qat": fig_qat}
+           "accuracy_vs_bits": fig_accuracy_vs_bits, "qat": fig_qat, "sensitivity": _sensitivity_of_run}

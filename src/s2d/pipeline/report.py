@@ -8,26 +8,33 @@ from pathlib import Path
 
 import numpy as np
 
-from s2d.pipeline.evidence import accuracy_rows, float_arms, qat_kinds, verdict
+from s2d.pipeline.evidence import accuracy_rows, float_arms, perplexity_verdict, qat_kinds, verdict
 from s2d.pipeline.experiment import ExperimentResult
 from s2d.pipeline.figures import FIGURES
 from s2d.pipeline.provenance import machine, versions
 from s2d.pipeline.rundir import pack_outcomes, unpack_outcomes
-from s2d.pipeline.tables import format_accuracy_table, format_layer_table, format_qat_table
+from s2d.pipeline.tables import (format_accuracy_table, format_layer_table, format_perplexity_table, format_qat_table,
+                                 format_sensitivity_table)
 from s2d.utils import atomic_write, write_json, write_text
 
 __all__ = ["FIGURE_CAPTIONS", "OUTCOMES", "accuracy_caption", "verdict_lines", "terminal_summary", "render_markdown",
            "write_report", "load_results"]
 
 OUTCOMES = "outcomes.npz"     # beside results.json: every per-example outcome vector, keyed as below
-_OUTCOME_FIELDS = (("runs", "fp_correct"), ("runs", "qat_correct"), ("cells", "correct"))
+_OUTCOME_FIELDS = (("runs", "fp_correct"), ("runs", "qat_correct"), ("cells", "correct"), ("runs", "fp_nll"),
+                   ("cells", "nll"))
 
+
+PERPLEXITY_CAPTION = ("Perplexity of the test texts (exp of the mean over texts of the per-token NLL) per bit setting "
+                      "x PTQ method and arm, mean over the seeds with its 95 % CI; in parentheses the perplexity "
+                      "ratio to {baseline} - 1 in % with its 95 % CI, * where the CI excludes 0.")
 
 FIGURE_CAPTIONS = {
     "outliers_over_steps": "Fig. 1: max |a| of the worst FFN layer over training steps, per arm",
     "violins": "Fig. 2: FFN activation distributions per layer and arm",
     "accuracy_vs_bits": "Accuracy vs bits per arm and PTQ method (QAT arms at their own bits)",
     "qat": "Fig. 3: QAT vs QAT+S2D accuracy",
+    "sensitivity": "Quantization damage per site (each site quantized alone), the baseline's top sites, arms side by side",
 }
 
 
@@ -47,7 +54,7 @@ def verdict_lines(res: dict, baseline: str = "adamw", qat_baseline: str = "qat")
     lines = []
     for arm in float_arms(res):
         if arm != baseline:
-            lines += verdict(res, arm, baseline) + [""]
+            lines += verdict(res, arm, baseline) + perplexity_verdict(res, arm, baseline) + [""]
     qat = [r for r in accuracy_rows(res, baseline, qat_baseline) if r["method"] == "QAT"]
     for r in qat:
         for kind, c in r["deltas"].items():
@@ -66,6 +73,9 @@ def terminal_summary(res: dict, out_dir: Path | str | None = None, baseline: str
     lines += [""] + [ln for ln in verdict_lines(res, baseline) if ln]
     lines += ["", f"{accuracy_caption(res, baseline)} Wall time {res['wall_s']:.0f} s.",
               format_accuracy_table(res, baseline)]
+    ppl = format_perplexity_table(res, baseline)
+    if ppl:
+        lines += ["", PERPLEXITY_CAPTION.format(baseline=baseline), ppl]
     return "\n".join(lines)
 
 
@@ -82,10 +92,14 @@ def render_markdown(res: dict, figures: dict[str, str], baseline: str = "adamw")
         parts += ["## Notes", ""] + [f"- {n}" for n in res["notes"]] + [""]
     parts += ["## Accuracy (Table 2 style)", "", accuracy_caption(res, baseline), "",
               format_accuracy_table(res, baseline), ""]
+    ppl = format_perplexity_table(res, baseline)
+    if ppl:
+        parts += ["## Held-out perplexity (causal LM)", "", PERPLEXITY_CAPTION.format(baseline=baseline), "", ppl, ""]
     qat = format_qat_table(res)
     if qat:
         parts += ["## Quantization-aware training (accuracy % at the arm's own bits, mean ± 95 % CI; paired delta)",
                   "", qat, ""]
+    parts += _sensitivity_section(res)
     parts += ["## FFN layers after fine-tuning (Table 3 style)", "",
               "PCDR_1, max |a| (on the probe batches, padding left out) and σ_max of every FFN Linear, per arm, "
               "mean over the seeds (QAT arms: float weights after training).", "", format_layer_table(res), ""]
@@ -95,6 +109,27 @@ def render_markdown(res: dict, figures: dict[str, str], baseline: str = "adamw")
         parts += [f"**{FIGURE_CAPTIONS.get(key, key)}**", "", f"![{key}]({rel})", ""]
     parts += ["", "## Versions", "", ", ".join(f"{k} {v}" for k, v in res["versions"].items()), ""]
     return "\n".join(parts)
+
+
+def _sensitivity_section(res: dict, top: int = 10) -> list[str]:
+    """The top sites of each arm's sensitivity analysis, joined with that arm's per-layer table."""
+    reports = res.get("sensitivity") or {}
+    if not reports:
+        return []
+    first = next(iter(reports.values()))
+    parts = ["## Which quantization sites cost the accuracy", "",
+             f"Seed {res['seeds'][0]}, {first['method']} at {first['bits']} (the mildest setting at which the baseline "
+             f"loses more than 5 pp), {first['examples']} test examples. Each site (a Linear's input or weight, an "
+             "attention matmul input) is quantized alone, everything else in float: KL of the class distribution "
+             "to the float model, argmax agreement and accuracy; *recovered*: the accuracy gained by keeping only "
+             "this site in float. *max |x|*: the site's calibrated range; *module max |a|*, PCDR_1 and *S2D "
+             "selects*: the module's row of the per-layer table.", ""]
+    for arm, rep in reports.items():
+        run = next((r for r in res["runs"] if r["name"] == arm and r["seed"] == res["seeds"][0]), {})
+        acc = ("" if rep["quant_accuracy"] is None else
+               f" (accuracy {100 * rep['float_accuracy']:.1f}% float, {100 * rep['quant_accuracy']:.1f}% with every site quantized)")
+        parts += [f"**{arm}**{acc}", "", format_sensitivity_table(rep, run.get("probes", []), top=top), ""]
+    return parts
 
 
 def _arms_table(res: dict) -> list[str]:

@@ -24,15 +24,20 @@ from s2d.utils import write_json
 __all__ = ["CellResult", "ArmResult", "RunDir", "pack_outcomes", "unpack_outcomes"]
 
 
-def pack_outcomes(correct: torch.Tensor | np.ndarray) -> dict:
-    """Per-example 0/1 outcomes (N,) -> {"n": N, "bits": hex of the packed bits}: 1,280 examples in 320
-    characters of JSON."""
-    arr = np.asarray(correct, dtype=bool).reshape(-1)
+def pack_outcomes(values: torch.Tensor | np.ndarray) -> dict:
+    """Per-example outcomes (N,) -> JSON: 0/1 correctness as {"n": N, "bits": hex of the packed bits}
+    (1,280 examples in 320 characters), float values (per-example NLL) as {"n": N, "f32": hex of float32}."""
+    arr = np.asarray(values).reshape(-1)
+    if arr.dtype.kind == "f":
+        return {"n": int(arr.size), "f32": arr.astype("<f4").tobytes().hex()}
+    arr = arr.astype(bool)
     return {"n": int(arr.size), "bits": np.packbits(arr).tobytes().hex()}
 
 
 def unpack_outcomes(packed: dict) -> np.ndarray:
-    """The inverse of :func:`pack_outcomes`: (N,) bool."""
+    """The inverse of :func:`pack_outcomes`: (N,) bool, or (N,) float32 for float values."""
+    if "f32" in packed:
+        return np.frombuffer(bytes.fromhex(packed["f32"]), dtype="<f4")[: packed["n"]].copy()
     raw = np.frombuffer(bytes.fromhex(packed["bits"]), dtype=np.uint8)
     return np.unpackbits(raw)[: packed["n"]].astype(bool)
 
@@ -49,6 +54,7 @@ class CellResult:
     accuracy: float            # top-1 on the test split, in [0, 1]
     wall_s: float              # seconds to quantize and evaluate
     correct: dict = field(default_factory=dict)   # per-test-example correctness, see pack_outcomes
+    nll: dict | None = None    # causal LMs: per-test-example NLL of the text, nats/token (pack_outcomes)
 
 
 @dataclass
@@ -68,6 +74,7 @@ class ArmResult:
     wall_s: float = 0.0
     fp_correct: dict = field(default_factory=dict)   # per-test-example correctness in float (pack_outcomes)
     qat_correct: dict | None = None                  # QAT arms: the same at their own bits
+    fp_nll: dict | None = None                       # causal LMs: per-test-example text NLL in float
 
 
 def _slug(name: str) -> str:
@@ -142,3 +149,15 @@ class RunDir:
     def save_cell(self, cell: CellResult) -> None:
         if self.writer:
             write_json(self.cell_path(cell.arm, cell.seed, cell.method, cell.bits), dataclasses.asdict(cell))
+
+    def sensitivity_path(self, arm: str, seed: int) -> Path:
+        return self.root / "sensitivity" / f"{_slug(arm)}@s{seed}.json"
+
+    def load_sensitivity(self, arm: str, seed: int) -> dict | None:
+        """A finished arm's SensitivityReport dict, or None."""
+        path = self.sensitivity_path(arm, seed)
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def save_sensitivity(self, arm: str, seed: int, report: dict) -> None:
+        if self.writer:
+            write_json(self.sensitivity_path(arm, seed), report)

@@ -3,17 +3,21 @@
 
 (a) Table-2 style accuracy table: rows = bit setting x PTQ method, columns = arms, mean ± 95 % CI over
     the seeds and the paired delta vs the baseline arm (default "adamw") with its CI, in pp;
+(a') causal LMs: the same for held-out perplexity (ratios to the baseline instead of differences);
 (b) Table-3 style per-layer table of the FFN layers: PCDR_1, max |a|, σ_max per arm;
-(c) the per-layer table of ``s2d inspect``.
+(c) the per-layer table of ``s2d inspect``, its table of where the FFN outputs peak, and the ranked
+    quantization sites of its sensitivity analysis (also in the report).
 """
 from __future__ import annotations
 
+import math
+
 from s2d.models import is_ffn_name
-from s2d.pipeline.evidence import accuracy_rows, qat_kinds, table_columns
+from s2d.pipeline.evidence import accuracy_rows, float_arms, has_nll, qat_kinds, ratio_pct, table_columns
 from s2d.stats import format_comparison, format_estimate
 
-__all__ = ["format_accuracy_table", "format_qat_table", "is_ffn", "layer_rows", "format_layer_table",
-           "format_inspect_table", "short_name"]
+__all__ = ["format_accuracy_table", "format_perplexity_table", "format_qat_table", "is_ffn", "layer_rows", "format_layer_table",
+           "format_inspect_table", "format_peak_table", "format_sensitivity_table", "short_name"]
 
 
 def format_accuracy_table(res: dict, baseline: str = "adamw", qat_baseline: str = "qat") -> str:
@@ -32,6 +36,30 @@ def format_accuracy_table(res: dict, baseline: str = "adamw", qat_baseline: str 
                 cells.append(f"{format_estimate(est)} ({format_comparison(row['deltas'][a])})")
             else:
                 cells.append(format_estimate(est))
+        lines.append(f"| {row['bits']} | {row['method']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_perplexity_table(res: dict, baseline: str = "adamw") -> str:
+    """Markdown of the held-out perplexity (causal LMs): exp of the mean per-example text NLL with its
+    95 % CI, and in parentheses the perplexity ratio to the baseline - 1 in % with its CI (``*``: the
+    CI excludes 0); "" when the run has no NLLs."""
+    if not has_nll(res):
+        return ""
+    cols = float_arms(res)
+    lines = ["| bits | method | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 2)]
+    for row in accuracy_rows(res, baseline, metric="nll"):
+        cells = []
+        for a in cols:
+            est = row["values"].get(a)
+            if est is None:
+                cells.append("-")
+                continue
+            text = f"{math.exp(est.mean):.2f} [{math.exp(est.lo):.2f}, {math.exp(est.hi):.2f}]"
+            if a in row["deltas"]:
+                d, lo, hi = ratio_pct(row["deltas"][a])
+                text += f" ({d:+.2f} % [{lo:+.2f}, {hi:+.2f}]{'*' if row['deltas'][a].significant else ''})"
+            cells.append(text)
         lines.append(f"| {row['bits']} | {row['method']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -108,6 +136,43 @@ def format_inspect_table(layers: list[dict]) -> str:
         pcdr = [f"{v:.3f}" for v in r["pcdr"]] + ["-"] * (k - len(r["pcdr"]))
         cells = [r["name"], r.get("role", "-"), "x".join(map(str, r["shape"])), f"{r['sigma_max']:.2f}", *pcdr,
                  "-" if r["k_target"] is None else str(r["k_target"]), f"{r['max_abs']:.1f}", f"{r['kurtosis']:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_peak_table(layers: list[dict], peaks: dict[str, dict], tokens: dict[str, str]) -> str:
+    """Markdown of the FFN down-projections (fc2 role): max |a|, where it sits (token position, the token,
+    channel) and PCDR_1..k; ``peaks``: name -> PeakLocation dict, ``tokens``: name -> decoded token."""
+    rows = [r for r in layers if r.get("role") == "fc2" and r["name"] in peaks]
+    k = max((len(r["pcdr"]) for r in rows), default=0)
+    head = ["layer", r"max \|a\|", "token position", "token", "channel"] + [f"PCDR_{i + 1}" for i in range(k)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        p = peaks[r["name"]]
+        pcdr = [f"{v:.3f}" for v in r["pcdr"]] + ["-"] * (k - len(r["pcdr"]))
+        token = tokens.get(r["name"], "-").replace("|", "\\|").replace("\n", "\\n")
+        lines.append(f"| {r['name']} | {p['max_abs']:.1f} | {'-' if p['token'] is None else p['token']} | "
+                     f"`{token}` | {p['channel']} | " + " | ".join(pcdr) + " |")
+    return "\n".join(lines)
+
+
+def format_sensitivity_table(report: dict, layers: list[dict], top: int | None = None) -> str:
+    """Markdown of a SensitivityReport dict joined with the spectral view of each site's module
+    (``layers``: LayerReport dicts): the sites ranked by held-out KL (top ``top``)."""
+    spectral = {r["name"]: r for r in layers}
+    head = ["rank", "site", "role", r"max \|x\| at the site", "KL held-out", "KL calib", "agreement %", "acc alone %",
+            "recovered pp", r"module max \|a\|", "PCDR_1", "S2D selects"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for i, site in enumerate(report["sites"][:top], start=1):
+        layer = spectral.get(site["module"], {})
+        rng = site["range"]
+        pcdr = layer.get("pcdr") or []
+        selected = "-" if not layer else ("yes" if layer.get("k_target") is not None else "no")
+        cells = [str(i), site["module"], site["role"], "-" if rng is None else f"{max(abs(rng[0]), abs(rng[1])):.1f}",
+                 f"{site['kl']:.4f}", f"{site['kl_calib']:.4f}", f"{100 * site['agreement']:.1f}",
+                 "-" if site["accuracy"] is None else f"{100 * site['accuracy']:.1f}",
+                 "-" if site["recovered"] is None else f"{100 * site['recovered']:+.1f}",
+                 f"{layer['max_abs']:.1f}" if layer else "-", f"{pcdr[0]:.3f}" if pcdr else "-", selected]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -23,11 +23,13 @@ from torch import nn
 from s2d.quant.config import QuantConfig
 from s2d.quant.prepare import prepare_model
 
-__all__ = ["MethodFn", "register_method", "available_methods", "method_config_class", "method_config",
-           "quantize_model"]
+__all__ = ["MethodFn", "CheckFn", "register_method", "available_methods", "method_config_class", "method_config",
+           "check_method", "quantize_model"]
 
 MethodFn = Callable[[nn.Module, QuantConfig, list[dict] | None, object, bool], None]
 """A PTQ method: ``fn(model, spec, calib, config, progress)``; ``model`` is already prepared."""
+CheckFn = Callable[[nn.Module, object], None]
+"""A method's pre-flight: ``check(model, config)`` raises a one-line ValueError for a model it cannot quantize."""
 
 
 @dataclass(frozen=True)
@@ -35,15 +37,17 @@ class _Method:
     name: str          # registry key, e.g. "repq"
     config_cls: type   # the method's config dataclass
     fn: MethodFn       # the handler
+    check: CheckFn | None = None   # pre-flight on the float model (None: any model with its blocks)
 
 
 _BY_NAME: dict[str, _Method] = {}
 _BY_CONFIG: dict[type, _Method] = {}
 
 
-def register_method(name: str, config_cls: type) -> Callable[[MethodFn], MethodFn]:
+def register_method(name: str, config_cls: type, check: CheckFn | None = None) -> Callable[[MethodFn], MethodFn]:
     """Decorator registering a PTQ method ``fn(model, spec, calib, config, progress) -> None`` under
-    ``name``, with ``config_cls`` (a dataclass whose no-argument instance is the default config).
+    ``name``, with ``config_cls`` (a dataclass whose no-argument instance is the default config) and an
+    optional pre-flight ``check(model, config)`` (see :func:`check_method`).
 
     The method receives a model already passed through :func:`prepare_model`, the calibration batches
     as a list (or None), always an instance of ``config_cls``, and must leave every quantizer it uses
@@ -56,7 +60,7 @@ def register_method(name: str, config_cls: type) -> Callable[[MethodFn], MethodF
         old = _BY_NAME.get(name)
         if old is not None:
             _BY_CONFIG.pop(old.config_cls, None)
-        entry = _Method(name, config_cls, fn)
+        entry = _Method(name, config_cls, fn, check)
         _BY_NAME[name] = entry
         _BY_CONFIG[config_cls] = entry
         return fn
@@ -90,6 +94,14 @@ def method_config(name: str, overrides: dict[str, object]) -> object:
     if unknown:
         raise ValueError(f"{cls.__name__} has no field {unknown[0]!r}; fields: {', '.join(sorted(known)) or 'none'}")
     return cls(**overrides)
+
+
+def check_method(model: nn.Module, name: str, config: object | None = None) -> None:
+    """Raise the method's one-line ValueError if it cannot quantize ``model`` with ``config`` (default:
+    its default config), before any calibration: `s2d run` calls it before it trains anything."""
+    entry = _method(name)
+    if entry.check is not None:
+        entry.check(model, config if config is not None else entry.config_cls())
 
 
 def quantize_model(model: nn.Module, spec: QuantConfig, method: str | object = "rtn",

@@ -7,7 +7,7 @@
 * :mod:`~s2d.train.loop` — :func:`finetune` (with optional S2D and QAT) -> :class:`TrainResult`.
 """
 from s2d.train.config import TrainConfig
-from s2d.train.evaluate import evaluate, evaluate_examples
+from s2d.train.evaluate import Outcomes, evaluate, evaluate_examples, evaluate_outcomes
 from s2d.train.loop import TrainingDiverged, TrainResult, finetune
 
-__all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "evaluate", "evaluate_examples", "finetune"]
+__all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "Outcomes", "evaluate", "evaluate_examples", "evaluate_outcomes", "finetune"]

@@ -1,7 +1,9 @@
-"""Evaluation during and after fine-tuning: top-1 accuracy and the activation probe."""
+"""Evaluation during and after fine-tuning: top-1 accuracy, causal LMs' held-out text NLL, and the
+activation probe."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -9,7 +11,7 @@ from tqdm.auto import tqdm
 
 from s2d.utils import eval_mode, real_tokens, to_device, token_mask
 
-__all__ = ["evaluate", "evaluate_examples", "probe_max_abs"]
+__all__ = ["Outcomes", "evaluate", "evaluate_examples", "evaluate_outcomes", "probe_max_abs"]
 
 
 @torch.no_grad()
@@ -32,22 +34,40 @@ def probe_max_abs(model: nn.Module, batch: Mapping[str, torch.Tensor],
     return out
 
 
+@dataclass
+class Outcomes:
+    """Per-example results of one evaluation, in loader order, on the CPU."""
+    correct: torch.Tensor                 # (N,) bool: top-1 of ``logits`` equals the label
+    nll: torch.Tensor | None = None       # (N,) float: the model's ``text_nll`` (causal LMs), nats/token
+
+
 @torch.no_grad()
-def evaluate_examples(model: nn.Module, loader: Iterable[dict], progress: bool = True,
-                      max_batches: int | None = None) -> torch.Tensor:
-    """Per-example correctness (N,) bool, in loader order, of ``model(**batch).logits`` top-1 against
-    ``batch["labels"]``; on the CPU. Under torch.distributed every process scores the whole loader."""
+def evaluate_outcomes(model: nn.Module, loader: Iterable[dict], progress: bool = True,
+                      max_batches: int | None = None) -> Outcomes:
+    """Per-example correctness of ``model(**batch).logits`` top-1 against ``batch["labels"]``, and the
+    per-example text NLL where the model returns ``text_nll`` (:class:`s2d.models.CausalLMClassifier`).
+    Under torch.distributed every process scores the whole loader."""
     device = next(model.parameters()).device
     n = len(loader) if max_batches is None else min(max_batches, len(loader))
-    hits = []
+    hits, nlls = [], []
     with eval_mode(model):
         for i, batch in enumerate(tqdm(loader, total=n, desc="eval", disable=not progress, leave=False)):
             if i >= n:
                 break
             batch = to_device(batch, device)
             labels = batch.pop("labels")
-            hits.append((model(**batch).logits.argmax(-1) == labels).cpu())
-    return torch.cat(hits) if hits else torch.zeros(0, dtype=torch.bool)
+            out = model(**batch)
+            hits.append((out.logits.argmax(-1) == labels).cpu())
+            if getattr(out, "text_nll", None) is not None:
+                nlls.append(out.text_nll.float().cpu())
+    correct = torch.cat(hits) if hits else torch.zeros(0, dtype=torch.bool)
+    return Outcomes(correct, torch.cat(nlls) if nlls and len(nlls) == len(hits) else None)
+
+
+def evaluate_examples(model: nn.Module, loader: Iterable[dict], progress: bool = True,
+                      max_batches: int | None = None) -> torch.Tensor:
+    """Per-example correctness (N,) bool, in loader order (:func:`evaluate_outcomes`)."""
+    return evaluate_outcomes(model, loader, progress, max_batches).correct
 
 
 def evaluate(model: nn.Module, loader: Iterable[dict], progress: bool = True, max_batches: int | None = None) -> float:

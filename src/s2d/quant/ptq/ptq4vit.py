@@ -349,7 +349,11 @@ def _logits(out: object, model: nn.Module) -> Tensor:
     return logits
 
 
-@register_method("ptq4vit", PTQ4ViTConfig)
+def _preflight(model: nn.Module, cfg: PTQ4ViTConfig) -> None:
+    check_supported(model, require_blocks(model), cfg)
+
+
+@register_method("ptq4vit", PTQ4ViTConfig, check=_preflight)
 def ptq4vit(model: nn.Module, spec: QuantConfig, calib: Iterable[dict] | None,
             cfg: PTQ4ViTConfig = PTQ4ViTConfig(), progress: bool = True) -> None:
     """``quantize_model(model, spec, method="ptq4vit", calib=batches, config=PTQ4ViTConfig())``."""
