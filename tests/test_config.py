@@ -190,7 +190,7 @@ def test_embedded_default_parses():
     assert cfg.name == "text-minilm-rt" and cfg.model.name == "minilm-l6" and cfg.seeds == (0, 1, 2)
     assert [a.name for a in cfg.arms] == ["adamw", "adamw+s2d"] and cfg.data.limit_eval == 1281
     assert cfg.quant.bits == ((5, 5), (4, 4)) and cfg.quant.methods == ("rtn", "repq")
-    assert cfg.probes.sensitivity_examples == 64
+    assert cfg.probes.sensitivity_examples == 128
     assert cfg.s2d_config == S2DConfig(strength=5e-4, power=2.0, tau=0.95, k_max=3, interval=100)
     quick = load_config(None, quick=True)
     assert quick.train.steps < cfg.train.steps and quick.fingerprint() != cfg.fingerprint()

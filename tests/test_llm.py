@@ -263,3 +263,31 @@ def test_peak_locations_match_brute_force():
     b, t, c = np.unravel_index(int(out.argmax()), out.shape)
     assert (found.batch * 2 + found.example, found.token, found.channel) == (b, t, c)
     assert math.isclose(found.max_abs, float(out.max()), rel_tol=1e-6)
+
+
+def test_run_experiment_on_a_causal_lm(tiny_lm, tmp_path):
+    """Every float arm kind trains the prompt classifier; the report gets the perplexity table."""
+    from s2d.pipeline.experiment import run_experiment
+    from s2d.pipeline.parse import from_dict
+    from s2d.pipeline.report import write_report
+    model, data = tiny_lm
+    raw = {"name": "tiny-lm", "seeds": [0], "model": {"name": str(model)},
+           "data": {"dataset": str(data), "max_length": 16, "calib_samples": 8, "prompt": PROMPT,
+                    "label_words": ["bad", "good"]},
+           "train": {"steps": 2, "batch_size": 8, "eval_batch_size": 16, "eval_every": 1, "log_every": 1,
+                     "eval_batches": 1, "lr": 1e-3},
+           "s2d": {"interval": 100, "min_refreshes": 2, "include": ["lm.model.layers.*"]},
+           "arms": {"names": ["adamw", "adamw+s2d", "muon", "adamw+s2d-all"]},
+           "quant": {"bits": ["W8A8"], "methods": ["rtn"]}, "probes": {"batches": 1, "sample_size": 16}}
+    res = run_experiment(from_dict(raw), tmp_path / "run", progress=False)
+    assert {r["name"] for r in res.runs} == {"adamw", "adamw+s2d", "muon", "adamw+s2d-all"}
+    n = len(unpack_outcomes(res.runs[0]["fp_correct"]))
+    assert all(len(unpack_outcomes(r["fp_nll"])) == n for r in res.runs)
+    assert all(c["nll"] is not None for c in res.cells) and len(res.cells) == 4
+    write_report(res, tmp_path / "run")
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert "## Held-out perplexity (causal LM)" in md and "held-out perplexity, full precision" in md
+    with pytest.raises(ValueError, match="gated MLP"):          # refused before anything trains
+        run_experiment(from_dict({**raw, "quant": {"bits": ["W4A4"], "methods": ["ptq4vit"]}}),
+                       tmp_path / "run2", progress=False)
+    assert not (tmp_path / "run2" / "arms").exists()

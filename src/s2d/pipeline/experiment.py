@@ -34,7 +34,7 @@ from s2d.pipeline.rundir import ArmResult, CellResult, RunDir, pack_outcomes
 from s2d.probes import capture_activations, spectral_table
 from s2d.quant import Bits, QuantConfig, available_methods, quantize_model, set_quantization
 from s2d.quant.api import check_method
-from s2d.quant.sensitivity import site_sensitivity
+from s2d.quant.sensitivity import first_examples, site_sensitivity
 from s2d.quant.qat import convert_qat
 from s2d.regularizer import S2DConfig
 from s2d.train import Outcomes, evaluate_examples, evaluate_outcomes, finetune
@@ -328,7 +328,7 @@ def _run_sensitivity(task: _Task, arms: list[ArmConfig], runs: list[dict], cells
                     100 * SENSITIVITY_DROP)
         return {}
     n = task.cfg.probes.sensitivity_examples
-    test = list(islice(iter(task.loaders.test), -(-n // task.cfg.train.eval_batch_size)))
+    test = first_examples(islice(iter(task.loaders.test), -(-n // task.cfg.train.eval_batch_size)), n)
     out = {}
     for arm in arms:
         if arm.qat_bits is not None or not (arm.name == SENSITIVITY_BASELINE or arm.s2d_config is not None):

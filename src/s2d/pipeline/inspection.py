@@ -16,7 +16,7 @@ from s2d.pipeline.figures import fig_max_abs_per_layer, fig_sensitivity, fig_vio
 from s2d.pipeline.tables import format_inspect_table, format_peak_table, format_sensitivity_table
 from s2d.probes import capture_activations, peak_locations, spectral_table
 from s2d.quant import Bits, QuantConfig, available_methods
-from s2d.quant.sensitivity import site_sensitivity
+from s2d.quant.sensitivity import first_examples, site_sensitivity
 from s2d.utils import jsonable, write_json, write_text
 
 __all__ = ["add_inspect", "cmd_inspect", "cli_task"]
@@ -28,7 +28,7 @@ def add_inspect(sub: argparse._SubParsersAction) -> None:
                                    "Linear on a few real batches; where each FFN down-projection peaks (token "
                                    "position, token, channel, PCDR_1..k: the massive activations of LLMs); FFN "
                                    "activation violins and a plot of max |a| per layer. Causal LMs read the "
-                                   "texts through the prompt 'Text: {text}\\nLabel:'.")
+                                   "texts through --prompt (default 'Text: {text}\\nLabel:').")
     p.add_argument("model", help="s2d asset name, local Hugging Face directory, or hub id")
     p.add_argument("--data", default=None,
                    help="dataset asset or path (default: rotten-tomatoes for text, fashion-mnist for images)")
@@ -36,6 +36,10 @@ def add_inspect(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batches", type=int, default=2, help="number of batches to run (default 2)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--prompt", default=None, help="causal LMs: the prompt around each text, with one {text} "
+                                                 "(default 'Text: {text}\\nLabel:')")
+    p.add_argument("--label-words", default=None, metavar="W,W,...",
+                   help="causal LMs: one single-token answer word per class (default: the label names)")
     p.add_argument("--k-max", type=int, default=3)
     p.add_argument("--tau", type=float, default=0.95)
     p.add_argument("--sensitivity", default=None, metavar="WxAy",
@@ -44,6 +48,8 @@ def add_inspect(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--method", default="rtn", help="PTQ method that calibrates the sites (default rtn)")
     p.add_argument("--sensitivity-examples", type=int, default=256,
                    help="held-out test examples scored per site (default 256)")
+    p.add_argument("--calib-samples", type=int, default=32,
+                   help="training examples that calibrate the sites, also scored per site (default 32)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_inspect)
 
@@ -55,11 +61,15 @@ def _default_data(model: str) -> str:
 
 
 def cli_task(model: str, data: str | None, *, max_length: int = 64, batch_size: int = 32,
-          limit_train: int | None = None, limit_eval: int | None = None, seed: int = 0) -> tuple[ModelBundle, Loaders]:
+             limit_train: int | None = None, limit_eval: int | None = None, seed: int = 0,
+             prompt: str | None = None, label_words: list[str] | None = None) -> tuple[ModelBundle, Loaders]:
+    """The model with a head for the data and its loaders, as every subcommand loads them (causal LMs:
+    ``prompt`` and ``label_words`` as in an `s2d run` config)."""
     data = data or _default_data(model)
     return load_task(ModelConfig(model), DataConfig(data, max_length=max_length, limit_train=limit_train,
-                                                limit_eval=limit_eval), batch_size=batch_size,
-                     eval_batch_size=batch_size, seed=seed)
+                                                    limit_eval=limit_eval, prompt=prompt,
+                                                    label_words=tuple(label_words) if label_words else None),
+                     batch_size=batch_size, eval_batch_size=batch_size, seed=seed)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -68,11 +78,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     bits = Bits.parse(args.sensitivity, "--sensitivity") if args.sensitivity else None
     if bits is not None and args.method not in available_methods():
         raise ValueError(f"--method must be one of {', '.join(available_methods())}, got {args.method!r}")
-    if args.sensitivity_examples < 1:
-        raise ValueError(f"--sensitivity-examples must be >= 1, got {args.sensitivity_examples}")
+    for flag, value in (("--sensitivity-examples", args.sensitivity_examples), ("--calib-samples", args.calib_samples)):
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
     n_eval = args.batches * args.batch_size
+    words = [w.strip() for w in args.label_words.split(",")] if args.label_words else None
     bundle, loaders = cli_task(args.model, args.data, max_length=args.max_length, batch_size=args.batch_size,
-                            limit_eval=max(n_eval, args.sensitivity_examples) if bits else n_eval)
+                               limit_eval=max(n_eval, args.sensitivity_examples) if bits else n_eval,
+                               prompt=args.prompt.replace("\\n", "\n") if args.prompt else None, label_words=words)
     batches = list(islice(iter(loaders.test), args.batches))
     progress = not args.no_progress
     table = [jsonable(r) for r in spectral_table(bundle.model, batches, k_max=args.k_max, tau=args.tau,
@@ -107,8 +120,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def _inspect_sensitivity(args: argparse.Namespace, bundle: ModelBundle, loaders: Loaders, bits: Bits,
                          table: list[dict], out: Path) -> list[str]:
     """``s2d inspect --sensitivity``: rank the sites, print the top 15, write the table and figure."""
-    calib = calibration_batches(loaders, num_samples=32, batch_size=args.batch_size)
-    test = list(islice(iter(loaders.test), -(-args.sensitivity_examples // args.batch_size)))
+    calib = calibration_batches(loaders, num_samples=args.calib_samples, batch_size=args.batch_size)
+    test = first_examples(islice(iter(loaders.test), -(-args.sensitivity_examples // args.batch_size)),
+                          args.sensitivity_examples)
     rep = jsonable(site_sensitivity(bundle.model, QuantConfig(w_bits=bits.w, a_bits=bits.a), calib, test, method=args.method,
                                     batch_size=args.batch_size, recover_top=15, progress=not args.no_progress))
     write_json(out / "sensitivity.json", rep)

@@ -32,7 +32,7 @@ from s2d.quant.config import QuantConfig
 from s2d.quant.prepare import list_quantizers, named_quantizers, set_quantization
 from s2d.utils import eval_mode, to_device
 
-__all__ = ["SiteSensitivity", "SensitivityReport", "site_sensitivity", "merge_batches"]
+__all__ = ["SiteSensitivity", "SensitivityReport", "site_sensitivity", "merge_batches", "first_examples"]
 
 
 @dataclass
@@ -74,6 +74,12 @@ def merge_batches(batches: Iterable[dict], batch_size: int) -> list[dict]:
         chunk = rows[s: s + batch_size]
         out.append({k: _stack([r[k] for r in chunk]) for k in chunk[0]})
     return out
+
+
+def first_examples(batches: Iterable[dict], n: int) -> list[dict]:
+    """The first ``n`` examples of ``batches`` as one batch (fewer if the batches hold fewer)."""
+    merged = merge_batches(batches, n)
+    return merged[:1]
 
 
 def _stack(items: list[Tensor]) -> Tensor:
