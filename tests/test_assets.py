@@ -74,6 +74,19 @@ def test_checksum_mismatch_refused(fake, monkeypatch):
     assert not assets.is_cached("fake") and not (tmp / "cache" / "fake").exists()
 
 
+def test_pinned_archive_checksum(fake, monkeypatch):
+    tmp, asset = fake
+    whl = tmp / "mirror" / "fake_pkg-1.0-py3-none-any.whl"
+    good = assets.Package("pypi", "fake-pkg", "1.0", sha256=_sha(whl.read_bytes()))
+    monkeypatch.setitem(assets.REGISTRY, "fake", assets.Asset(**{**asset.__dict__, "packages": (good,)}))
+    assert assets.fetch("fake", progress=False, downloader=assets.LocalDirDownloader(tmp / "mirror")).is_dir()
+    bad = assets.Package("pypi", "fake-pkg", "1.0", sha256="0" * 64)
+    monkeypatch.setitem(assets.REGISTRY, "fake2", assets.Asset(**{**asset.__dict__, "name": "fake2", "packages": (bad,)}))
+    with pytest.raises(assets.AssetError, match=r"checksum mismatch for fake_pkg-1.0-py3-none-any.whl") as err:
+        assets.fetch("fake2", progress=False, downloader=assets.LocalDirDownloader(tmp / "mirror"))
+    assert "\n" not in str(err.value) and not (tmp / "cache" / "fake2").exists()
+
+
 def test_interrupted_fetch_recovered(fake):
     tmp, _ = fake
 

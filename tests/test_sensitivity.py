@@ -12,7 +12,7 @@ from torch import nn
 
 from s2d.quant import QuantConfig
 from s2d.quant.primitives import quantize_dequantize
-from s2d.quant.sensitivity import merge_batches, site_sensitivity
+from s2d.quant.sensitivity import first_examples, merge_batches, site_sensitivity
 
 
 class TwoLayer(nn.Module):
@@ -80,6 +80,14 @@ def test_merge_batches_pads_token_rows():
     assert m["input_ids"].tolist() == [[1, 2, 0, 0], [3, 4, 5, 6]]
     assert m["attention_mask"].tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]] and m["labels"].tolist() == [1, 0]
     assert [len(x["labels"]) for x in merge_batches([a, b, a], 2)] == [2, 1]
+
+    def two_then_fail():
+        yield a
+        yield b
+        raise AssertionError("read past the examples it needs")
+    (f,) = first_examples(two_then_fail(), 2)
+    assert f["input_ids"].tolist() == [[1, 2, 0, 0], [3, 4, 5, 6]]
+    assert first_examples([a, b], 1)[0]["labels"].tolist() == [1]
 
 
 def test_all_but_view_only_for_the_top_sites():

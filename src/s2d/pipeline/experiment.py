@@ -328,7 +328,7 @@ def _run_sensitivity(task: _Task, arms: list[ArmConfig], runs: list[dict], cells
                     100 * SENSITIVITY_DROP)
         return {}
     n = task.cfg.probes.sensitivity_examples
-    test = first_examples(islice(iter(task.loaders.test), -(-n // task.cfg.train.eval_batch_size)), n)
+    test = first_examples(task.loaders.test, n)
     out = {}
     for arm in arms:
         if arm.qat_bits is not None or not (arm.name == SENSITIVITY_BASELINE or arm.s2d_config is not None):

@@ -121,8 +121,7 @@ def _inspect_sensitivity(args: argparse.Namespace, bundle: ModelBundle, loaders:
                          table: list[dict], out: Path) -> list[str]:
     """``s2d inspect --sensitivity``: rank the sites, print the top 15, write the table and figure."""
     calib = calibration_batches(loaders, num_samples=args.calib_samples, batch_size=args.batch_size)
-    test = first_examples(islice(iter(loaders.test), -(-args.sensitivity_examples // args.batch_size)),
-                          args.sensitivity_examples)
+    test = first_examples(loaders.test, args.sensitivity_examples)
     rep = jsonable(site_sensitivity(bundle.model, QuantConfig(w_bits=bits.w, a_bits=bits.a), calib, test, method=args.method,
                                     batch_size=args.batch_size, recover_top=15, progress=not args.no_progress))
     write_json(out / "sensitivity.json", rep)

@@ -128,6 +128,8 @@ def quantize_model(model: nn.Module, spec: QuantConfig, method: str | object = "
     if not isinstance(config, entry.config_cls):
         raise TypeError(f"quantize_model: method {entry.name!r} takes a {entry.config_cls.__name__}, "
                         f"got {type(config).__name__}")
+    if entry.check is not None:          # the method's pre-flight, before the model is touched
+        entry.check(model, config)
     if calib is not None and not isinstance(calib, (list, tuple)):
         calib = list(calib)
     prepare_model(model, spec)

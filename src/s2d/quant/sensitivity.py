@@ -77,9 +77,15 @@ def merge_batches(batches: Iterable[dict], batch_size: int) -> list[dict]:
 
 
 def first_examples(batches: Iterable[dict], n: int) -> list[dict]:
-    """The first ``n`` examples of ``batches`` as one batch (fewer if the batches hold fewer)."""
-    merged = merge_batches(batches, n)
-    return merged[:1]
+    """The first ``n`` examples of ``batches`` as one batch (fewer if the batches hold fewer); reads
+    only as many batches as it needs (a DataLoader is not run to its end)."""
+    taken, count = [], 0
+    for b in batches:
+        taken.append(b)
+        count += len(next(iter(b.values())))
+        if count >= n:
+            break
+    return merge_batches(taken, n)[:1]
 
 
 def _stack(items: list[Tensor]) -> Tensor:

@@ -360,8 +360,7 @@ def ptq4vit(model: nn.Module, spec: QuantConfig, calib: Iterable[dict] | None,
     if calib is None:
         raise ValueError("ptq4vit: calib batches are required, got None")
     infos = require_blocks(model)
-    groups = linear_groups(model, infos)
-    check_supported(model, infos, cfg)
+    groups = linear_groups(model, infos)      # check_supported ran as the registered pre-flight
     device = next(model.parameters()).device
     batches = [to_device(b, device) for b in sub_batches(take_samples(calib, cfg.num_samples), cfg.sub_batch)]
     gen = torch.Generator().manual_seed(cfg.seed)
