@@ -56,8 +56,8 @@ def test_bad_config_subprocess_one_line(tmp_path):
     proc = _run([str(BIN / "s2d"), "run", "bad.toml"], tmp_path)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert lines == ["s2d run: error: unknown arm 'sgd' in arms.names; allowed: adamw, adamw+s2d, muon, "
-                     "muon+s2d, adamw+s2d-all, qat, qat+s2d"]
+    assert lines == ["s2d run: error: unknown arm 'sgd' in arms.names; allowed: adamw, adamw+s2d, adamw+s2d-rel, "
+                     "adamw+condition, muon, muon+s2d, adamw+s2d-all, qat, qat+s2d"]
     assert not (tmp_path / "runs").exists()                      # failed before creating anything
 
 
@@ -191,4 +191,4 @@ def test_bad_data_file_one_line_exit_2(tiny, tmp_path):
 
 def test_parser_lists_every_subcommand():
     sub = next(a for a in build_parser()._actions if a.dest == "command")
-    assert set(sub.choices) == {"run", "inspect", "finetune", "quantize", "evaluate", "assets", "bench"}
+    assert set(sub.choices) == {"run", "inspect", "condition", "finetune", "quantize", "evaluate", "assets", "bench"}

@@ -283,7 +283,7 @@ def _ddp_worker(rank: int, world: int, update: str, lead: int, fsdp: bool) -> di
 
 @pytest.mark.slow
 @pytest.mark.parametrize("update,lead,fsdp", [("coupled", 0, False), ("decoupled", 1, False),
-                                              ("coupled", 2, True)])
+                                              ("coupled", 2, True), ("relative", 0, True)])
 def test_two_ranks_equal_one_process_on_global_batch(tmp_path, update, lead, fsdp):
     res = spawn(_ddp_worker, 2, tmp_path, update, lead, fsdp)
     single = _make_model()

@@ -18,6 +18,7 @@ from safetensors.torch import save_model
 
 from s2d import assets
 from s2d.data import calibration_batches
+from s2d.pipeline.conditioning import add_condition
 from s2d.pipeline.experiment import ptq_cell, run_experiment
 from s2d.pipeline.inspection import add_inspect, cli_task
 from s2d.pipeline.parse import load_config
@@ -129,7 +130,10 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--s2d-tau", type=float, default=0.95)
     p.add_argument("--s2d-k-max", type=int, default=3)
     p.add_argument("--s2d-power", type=float, default=2.0)
-    p.add_argument("--s2d-update", choices=("coupled", "decoupled"), default="coupled")
+    p.add_argument("--s2d-update", choices=("coupled", "decoupled", "relative"), default="coupled",
+                   help="coupled (the paper), decoupled (W -= lr·G), relative (--s2d-fraction of each selected "
+                        "σ per interval, no λ)")
+    p.add_argument("--s2d-fraction", type=float, default=0.5, help="relative update: share of σ removed per interval")
     p.add_argument("--s2d-selection", choices=("pcdr", "all"), default="pcdr")
     p.add_argument("--qat", default=None, metavar="WxAy", help="quantization-aware training at these bits")
     p.add_argument("--steps", type=int, default=None)
@@ -150,7 +154,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
                             eval_batch_size=args.batch_size, seed=args.seed)
     s2d_config = S2DConfig(strength=args.s2d_strength, interval=args.s2d_interval, tau=args.s2d_tau,
                            k_max=args.s2d_k_max, power=args.s2d_power, update=args.s2d_update,
-                           selection=args.s2d_selection) if args.s2d else None
+                           fraction=args.s2d_fraction, selection=args.s2d_selection) if args.s2d else None
     qat = _quant_config(Bits.parse(args.qat, "--qat")) if args.qat else None
     bundle, loaders = cli_task(args.model, args.data, max_length=args.max_length, batch_size=args.batch_size,
                             limit_train=args.limit_train, limit_eval=args.limit_eval, seed=args.seed)
@@ -283,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_SUBCOMMANDS = [_add_run, add_inspect, _add_finetune, _add_quantize, _add_evaluate, _add_assets, _add_bench]
+_SUBCOMMANDS = [_add_run, add_inspect, add_condition, _add_finetune, _add_quantize, _add_evaluate, _add_assets, _add_bench]
 
 
 def main(argv: list[str] | None = None) -> int:

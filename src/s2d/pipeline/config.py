@@ -9,14 +9,18 @@ from dataclasses import dataclass, field, replace
 from s2d.quant import Bits, QuantConfig
 from s2d.quant.api import method_config
 from s2d.regularizer import S2DConfig
-from s2d.train import TrainConfig
+from s2d.train import ConditionConfig, TrainConfig
 
 __all__ = ["ARM_KINDS", "SWEEP_KEYS", "SECTIONS", "DATA_FORMATS", "ModelConfig", "DataConfig", "ArmConfig",
            "QuantGridConfig", "ProbeConfig", "ExperimentConfig", "DEFAULT_PROMPT", "check_int", "check_str", "scale_interval"]
 
-ARM_KINDS = ("adamw", "adamw+s2d", "muon", "muon+s2d", "adamw+s2d-all", "qat", "qat+s2d")
+ARM_KINDS = ("adamw", "adamw+s2d", "adamw+s2d-rel", "adamw+condition", "muon", "muon+s2d", "adamw+s2d-all",
+             "qat", "qat+s2d")
+# adamw+s2d-rel: S2D with the relative update (S2DConfig.update="relative"), guarded by s2d.guard_examples;
+# adamw+condition: the adamw arm of the same seed, then conditioned without labels ([condition], `s2d condition`)
 SWEEP_KEYS = ("strength", "interval", "k_max", "tau", "power", "update")
-SECTIONS = ("name", "seed", "seeds", "model", "data", "train", "s2d", "arms", "sweep", "quant", "probes", "quick")
+SECTIONS = ("name", "seed", "seeds", "model", "data", "train", "s2d", "arms", "sweep", "condition", "quant", "probes",
+            "quick")
 DATA_FORMATS = ("csv", "jsonl", "imagefolder", "npz")
 DEFAULT_PROMPT = "Text: {text}\nLabel:"   # the causal-LM prompt when data.prompt is not set
 
@@ -136,6 +140,8 @@ class ExperimentConfig:
     train: TrainConfig
     s2d_config: S2DConfig              # base for the S2D arms
     min_refreshes: int                 # the S2D interval shrinks so that a run refreshes this often
+    guard_examples: int                # validation examples whose loss guards the relative update (0: none)
+    condition: ConditionConfig         # the adamw+condition arm's self-distillation
     arms: tuple[ArmConfig, ...]
     quant: QuantGridConfig
     probes: ProbeConfig
@@ -155,7 +161,8 @@ class ExperimentConfig:
 
 
 def scale_interval(s2d_config: S2DConfig, total_steps: int, min_refreshes: int) -> tuple[S2DConfig, str | None]:
-    """Shrink S2D's refresh interval so a run of ``total_steps`` refreshes >= ``min_refreshes`` times.
+    """Shrink S2D's refresh interval so a run of ``total_steps`` refreshes >= ``min_refreshes`` times
+    (it refreshes at steps 0, interval, 2·interval, ...).
 
     Returns (config, note); note explains the change (None when the interval is kept).
     """

@@ -37,7 +37,7 @@ from s2d.quant.api import check_method
 from s2d.quant.sensitivity import first_examples, site_sensitivity
 from s2d.quant.qat import convert_qat
 from s2d.regularizer import S2DConfig
-from s2d.train import Outcomes, evaluate_examples, evaluate_outcomes, finetune
+from s2d.train import Outcomes, condition, evaluate_examples, evaluate_outcomes, finetune
 from s2d.utils import jsonable
 
 logger = logging.getLogger(__name__)
@@ -139,35 +139,61 @@ def train_arm(arm: ArmConfig, task: _Task) -> tuple[ArmResult, nn.Module]:
         logger.warning("%s: coupled S2D under Muon is orthogonalised together with the gradient; "
                        "update='decoupled' applies the penalty as specified", arm.name)
     train_dir = run.arm_dir(arm.name, seed) / "train"
-    tres = finetune(arm_bundle, loaders, dataclasses.replace(cfg.train, seed=seed), optimizer=arm.optimizer, s2d_config=arm.s2d_config, qat=qat,
-                    qat_calib=task.calib, out_dir=train_dir, progress=progress)
+    guard = first_examples(loaders.val, cfg.guard_examples) if cfg.guard_examples else None
+    tres = finetune(arm_bundle, loaders, dataclasses.replace(cfg.train, seed=seed), optimizer=arm.optimizer,
+                    s2d_config=arm.s2d_config, qat=qat, qat_calib=task.calib, out_dir=train_dir, progress=progress,
+                    guard_batches=guard)
     model = arm_bundle.model
     qat_hits = None
     if qat is not None:
         model = convert_qat(model)
         qat_hits = evaluate_examples(model, loaders.test, progress=progress)
         set_quantization(model, False)          # float path through the same weights
+    res = _finish_arm(arm, task, model, jsonable(tres), t0, qat_hits)
+    if run.writer:
+        shutil.rmtree(train_dir, ignore_errors=True)   # optimizer state is large; final weights are kept
+    return res, model
+
+
+CONDITION_SOURCE = "adamw"       # the arm whose trained model the adamw+condition arm conditions
+
+
+def condition_arm(arm: ArmConfig, task: _Task) -> tuple[ArmResult, nn.Module]:
+    """The ``adamw`` arm of this seed, conditioned without labels (:func:`s2d.train.condition`) on the
+    training inputs, then evaluated and probed like a trained arm; returns (result, model)."""
+    t0 = time.perf_counter()
+    source = ArmConfig(CONDITION_SOURCE, CONDITION_SOURCE, "adamw")
+    model = load_arm_model(source, task.seed, task.pristine, task.run)
+    cfg = task.cfg
+    guard = first_examples(task.loaders.val, cfg.condition.guard_examples) if cfg.condition.guard_examples else None
+    cres = condition(model, task.loaders.train, dataclasses.replace(cfg.condition, seed=task.seed), arm.s2d_config,
+                     guard_batches=guard, progress=task.progress)
+    return _finish_arm(arm, task, model, jsonable(cres), t0), model
+
+
+def _finish_arm(arm: ArmConfig, task: _Task, model: nn.Module, train: dict, t0: float,
+                qat_hits: torch.Tensor | None = None) -> ArmResult:
+    """Full-precision outcomes, probes and the saved weights of a trained arm; saves its ArmResult."""
+    cfg, run, seed, progress = task.cfg, task.run, task.seed, task.progress
     model.eval()
-    fp = evaluate_outcomes(model, loaders.test, progress=progress)
-    fp_hits = fp.correct
-    fp_acc = float(fp_hits.float().mean())
+    fp = evaluate_outcomes(model, task.loaders.test, progress=progress)
+    fp_acc = float(fp.correct.float().mean())
     qat_acc = float(qat_hits.float().mean()) if qat_hits is not None else None
     probes, acts = probe_model(model, task.probe_batches, arm.s2d_config or cfg.s2d_config,
                                cfg.probes.sample_size, progress)
     if run.writer:
+        run.arm_dir(arm.name, seed).mkdir(parents=True, exist_ok=True)
         save_model(model, str(run.arm_dir(arm.name, seed) / "model.safetensors"))
     res = ArmResult(name=arm.name, seed=seed, kind=arm.kind, optimizer=arm.optimizer,
                     s2d_config=jsonable(arm.s2d_config), qat_bits=arm.qat_bits.name if arm.qat_bits else None,
-                    fp_accuracy=fp_acc, qat_accuracy=qat_acc, train=jsonable(tres), probes=probes,
-                    activations=acts, wall_s=time.perf_counter() - t0, fp_correct=pack_outcomes(fp_hits),
+                    fp_accuracy=fp_acc, qat_accuracy=qat_acc, train=train, probes=probes,
+                    activations=acts, wall_s=time.perf_counter() - t0, fp_correct=pack_outcomes(fp.correct),
                     qat_correct=pack_outcomes(qat_hits) if qat_hits is not None else None,
                     fp_nll=pack_outcomes(fp.nll) if fp.nll is not None else None)
     run.save_arm(res)
-    if run.writer:
-        shutil.rmtree(train_dir, ignore_errors=True)   # optimizer state is large; final weights are kept
     logger.info("arm %s seed %d: fp acc %.4f%s (%.0f s)", arm.name, seed, fp_acc,
                 f", QAT {res.qat_bits} acc {qat_acc:.4f}" if qat_acc is not None else "", res.wall_s)
-    return res, model
+    return res
 
 
 def load_arm_model(arm: ArmConfig, seed: int, pristine: nn.Module, run: RunDir) -> nn.Module:
@@ -182,7 +208,8 @@ def resolve_arms(cfg: ExperimentConfig, total_steps: int) -> tuple[list[ArmConfi
     arms, notes = [], []
     for arm in cfg.arms:
         if arm.s2d_config is not None and not arm.name.startswith("adamw+s2d[interval="):
-            s2d_config, note = scale_interval(arm.s2d_config, total_steps, cfg.min_refreshes)
+            steps = cfg.condition.steps if arm.kind == "adamw+condition" else total_steps
+            s2d_config, note = scale_interval(arm.s2d_config, steps, cfg.min_refreshes)
             if note and note not in notes:
                 notes.append(note)
             arm = dataclasses.replace(arm, s2d_config=s2d_config)
@@ -268,7 +295,7 @@ def _run_arms(task: _Task, arms: list[ArmConfig], cell_fn: CellFn) -> tuple[list
         model = None
         if res is None:
             logger.info("seed %d, arm %d/%d: %s", task.seed, i + 1, len(arms), arm.name)
-            res, model = train_arm(arm, task)
+            res, model = (condition_arm if arm.kind == "adamw+condition" else train_arm)(arm, task)
         else:
             logger.info("arm %s seed %d: finished earlier, reusing its results", arm.name, task.seed)
         runs.append(dataclasses.asdict(res))

@@ -22,7 +22,7 @@ from s2d.pipeline.config import (
 from s2d.quant import Bits, QuantConfig, available_methods
 from s2d.quant.api import method_config_class
 from s2d.regularizer import S2DConfig
-from s2d.train import TrainConfig
+from s2d.train import ConditionConfig, TrainConfig
 
 __all__ = ["DEFAULT_CONFIG", "default_config_text", "load_config", "from_dict"]
 
@@ -77,13 +77,19 @@ def from_dict(raw: dict, quick: bool = False, check_names: bool = True,
     if "seed" in train_tab:
         raise ValueError("train.seed is set per run from the top-level seeds = [...]; remove it from [train]")
     train = TrainConfig(**{"seed": seeds[0], **train_tab})
-    s2d_tab = _known("s2d", merged.get("s2d", {}), S2DConfig, ("min_refreshes",))
+    s2d_tab = _known("s2d", merged.get("s2d", {}), S2DConfig, ("min_refreshes", "guard_examples"))
     min_refreshes = s2d_tab.pop("min_refreshes", 4)
     check_int("s2d.min_refreshes", min_refreshes, 0)
+    guard_examples = s2d_tab.pop("guard_examples", 0)
+    check_int("s2d.guard_examples", guard_examples, 0)
     if "include" in s2d_tab and isinstance(s2d_tab["include"], list):
         s2d_tab["include"] = tuple(s2d_tab["include"])
     base_s2d = S2DConfig(**s2d_tab)
     sweep = _known("sweep", merged.get("sweep", {}), None, SWEEP_KEYS)
+    cond_tab = _known("condition", merged.get("condition", {}), ConditionConfig)
+    if "seed" in cond_tab:
+        raise ValueError("condition.seed is set per run from the top-level seeds = [...]; remove it from [condition]")
+    condition = ConditionConfig(**{**cond_tab, "seed": seeds[0]})
     arms = _build_arms(merged.get("arms", {}), sweep, base_s2d)
     quant = _build_quant(merged.get("quant", {}), quick)
     probes = ProbeConfig(**_known("probes", merged.get("probes", {}), ProbeConfig))
@@ -95,7 +101,8 @@ def from_dict(raw: dict, quick: bool = False, check_names: bool = True,
         _check_asset("model.name", model.name, "model")
         _check_asset("data.dataset", data.dataset, "dataset")
     return ExperimentConfig(name=name, seeds=seeds, model=model, data=data, train=train, s2d_config=base_s2d,
-                            min_refreshes=min_refreshes, arms=arms, quant=quant, probes=probes, raw=merged)
+                            min_refreshes=min_refreshes, guard_examples=guard_examples, condition=condition,
+                            arms=arms, quant=quant, probes=probes, raw=merged)
 
 
 def _seeds(merged: dict) -> tuple[int, ...]:
@@ -153,13 +160,17 @@ def _build_arms(table: dict, sweep: dict, base_s2d: S2DConfig) -> tuple[ArmConfi
     if not isinstance(names, list) or not names:
         raise ValueError(f"arms.names must be a non-empty list, got {names!r}")
     qat_bits = _bits_list("arms.qat_bits", table.get("qat_bits", ["W4A4", "W3A4"]), allow_empty=True)
-    all_s2d = replace(base_s2d, selection="all")
+    variants = {"adamw+s2d-all": replace(base_s2d, selection="all"),
+                "adamw+s2d-rel": replace(base_s2d, update="relative"),
+                "adamw+condition": replace(base_s2d, update="relative")}
     arms: list[ArmConfig] = []
     for kind in names:
         if not isinstance(kind, str) or kind not in ARM_KINDS:
             raise ValueError(f"unknown arm {kind!r} in arms.names; allowed: {', '.join(ARM_KINDS)}")
+        if kind == "adamw+condition" and "adamw" not in names[: names.index(kind)]:
+            raise ValueError("arms.names: adamw+condition conditions the adamw arm; list \"adamw\" before it")
         opt = "muon" if kind.startswith("muon") else "adamw"
-        s2d = all_s2d if kind == "adamw+s2d-all" else base_s2d if kind.endswith("+s2d") else None
+        s2d = variants.get(kind, base_s2d if kind.endswith("+s2d") else None)
         if kind.startswith("qat"):
             if not qat_bits:
                 raise ValueError("arms.qat_bits must list at least one bit setting for QAT arms")

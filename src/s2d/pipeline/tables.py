@@ -17,7 +17,8 @@ from s2d.pipeline.evidence import accuracy_rows, float_arms, has_nll, qat_kinds,
 from s2d.stats import format_comparison, format_estimate
 
 __all__ = ["format_accuracy_table", "format_perplexity_table", "format_qat_table", "is_ffn", "layer_rows", "format_layer_table",
-           "format_inspect_table", "format_peak_table", "format_sensitivity_table", "short_name"]
+           "format_inspect_table", "format_condition_table", "format_peak_table", "format_sensitivity_table",
+           "short_name"]
 
 
 def format_accuracy_table(res: dict, baseline: str = "adamw", qat_baseline: str = "qat") -> str:
@@ -137,6 +138,24 @@ def format_inspect_table(layers: list[dict]) -> str:
         cells = [r["name"], r.get("role", "-"), "x".join(map(str, r["shape"])), f"{r['sigma_max']:.2f}", *pcdr,
                  "-" if r["k_target"] is None else str(r["k_target"]), f"{r['max_abs']:.1f}", f"{r['kurtosis']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_condition_table(before: list[dict], after: list[dict]) -> str:
+    """Markdown of two `LayerReport` dict lists of one model (before / after conditioning), joined by name:
+    σ_max, PCDR_1, k_target (before) and max |a| with its before/after ratio."""
+    head = ["layer", "role", "σ_max", "PCDR_1", "k_target", r"max \|a\|", r"max \|a\| ratio"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    by_name = {r["name"]: r for r in after}
+    for b in before:
+        a = by_name.get(b["name"])
+        if a is None:
+            continue
+        pcdr = " -> ".join(f"{r['pcdr'][0]:.3f}" if r["pcdr"] else "-" for r in (b, a))
+        ratio = b["max_abs"] / a["max_abs"] if a["max_abs"] > 0 else math.nan
+        lines.append(f"| {b['name']} | {b.get('role', '-')} | {b['sigma_max']:.2f} -> {a['sigma_max']:.2f} | {pcdr} | "
+                     f"{'-' if b['k_target'] is None else b['k_target']} | {b['max_abs']:.1f} -> {a['max_abs']:.1f} | "
+                     f"{ratio:.2f} |")
     return "\n".join(lines)
 
 

@@ -3,6 +3,8 @@
 * :mod:`~s2d.regularizer.config` — :class:`S2DConfig`, the hyperparameters;
 * :mod:`~s2d.regularizer.refresh` — the refresh as a pure function and its data types;
 * :mod:`~s2d.regularizer.sharding` — the refresh across ``torch.distributed`` ranks (DDP, FSDP2);
+* :mod:`~s2d.regularizer.relative` — the relative update (a share of each selected σ per interval);
+* :mod:`~s2d.regularizer.guard` — :class:`DecayGuard`, the relative update's held-out back-off;
 * :mod:`~s2d.regularizer.worker` — :class:`BackgroundTask`, the asynchronous refresh's thread;
 * :mod:`~s2d.regularizer.hooks` — :class:`SelectiveSpectralDecay`, the optimizer hooks.
 """

@@ -7,7 +7,11 @@ is applied:
 
 * ``update="coupled"``: G is added to the weight's gradient in a step *pre*-hook (the optimizer's own
   normalisation, e.g. AdamW's, applies to it);
-* ``update="decoupled"``: the weight moves by -lr_group · G in a step *post*-hook.
+* ``update="decoupled"``: the weight moves by -lr_group · G in a step *post*-hook;
+* ``update="relative"``: no G; in the post-hook each selected direction loses the share c of its current
+  weight that removes ``fraction`` of σ_r per interval (:mod:`s2d.regularizer.relative`). An optional
+  guard loss (:mod:`s2d.regularizer.guard`) reviews every refresh and backs off, then stops, a layer
+  whose decay raises it.
 
 ``async_lead=L > 0`` starts every refresh but the first ``L`` steps before it is due: the weights and
 activation peaks of that step are snapshot on the training thread, the spectral work runs on a worker
@@ -34,7 +38,6 @@ Depends on torch only.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, fields, replace
 
@@ -43,9 +46,11 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
 from s2d.regularizer.config import S2DConfig
+from s2d.regularizer.guard import DecayGuard
 from s2d.regularizer.refresh import (
-    ActivationPeak, LayerRefresh, LayerStats, compute_refresh, find_peak, find_targets, reduce_peaks,
+    ActivationPeak, LayerRefresh, LayerStats, compute_refresh, find_peak, find_targets, log_refresh, reduce_peaks,
 )
+from s2d.regularizer.relative import per_step_rate, relative_decay_
 from s2d.regularizer.sharding import ShardedRefresh, add_low_rank_
 from s2d.regularizer.worker import BackgroundTask
 from s2d.spectral import Spectrum
@@ -59,13 +64,21 @@ __all__ = ["SelectiveSpectralDecay"]
 class SelectiveSpectralDecay:
     """Attach S2D to ``model`` trained by ``optimizer``; the training loop stays unchanged.
 
+    guard: with ``update="relative"``, a function returning a held-out loss of the current model
+    (called without gradients, e.g. the task loss on a fixed validation batch); every refresh then
+    tries each selected layer's decay against it (:class:`~s2d.regularizer.guard.DecayGuard`).
+
     Attributes:
         step: optimizer steps seen (steps that actually ran).
+        guard: the :class:`DecayGuard` (None without a guard loss).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 config: S2DConfig = S2DConfig()) -> None:
+                 config: S2DConfig = S2DConfig(), guard: Callable[[], float] | None = None) -> None:
+        if guard is not None and config.update != "relative":
+            raise ValueError(f"SelectiveSpectralDecay: guard needs S2DConfig.update='relative', got {config.update!r}")
         self.config = config
+        self.guard = DecayGuard(guard, config.guard_tolerance, config.guard_backoffs) if guard else None
         self.optimizer = optimizer
         groups = {id(p): g for g in optimizer.param_groups for p in g["params"]}
         self.targets: dict[str, nn.Module] = {}
@@ -80,7 +93,9 @@ class SelectiveSpectralDecay:
         self._force = False
         self._peaks: dict[str, list[ActivationPeak]] = {}
         self._factors: dict[str, Spectrum] = {}
-        self._penalty: dict[str, tuple[Tensor, Tensor]] = {}   # (U_k·strength·σ_k^power, V_k) in weight dtype
+        self._penalty: dict[str, tuple[Tensor, Tensor]] = {}   # (U_k·strength·σ_k^power, V_k) in weight dtype;
+        #                                                        relative: (U_k, V_k)
+        self._rates: dict[str, float] = {}    # relative: per-step shrink of each penalised layer
         self._stats: dict[str, LayerStats] = {}
         first = next(iter(self.targets.values()), None)
         self._task = BackgroundTask(first.weight.device if first is not None else "cpu")
@@ -126,13 +141,35 @@ class SelectiveSpectralDecay:
         """Make ``results`` the cached factors/stats of their layers (others keep theirs)."""
         for name, res in results.items():
             self._stats[name] = res.stats
-            self._factors.pop(name, None)
-            self._penalty.pop(name, None)
+            self._forget(name)
             if res.factors is not None:
                 self._set_factors(name, res.factors)
             if res.stats.reason and res.stats.reason.startswith("non-finite"):
                 self._warn_nonfinite(name, res.stats.reason)
-        self._log_refresh(results)
+        if self.guard is not None:
+            self._review(results)
+        log_refresh(results, self.step, {n: self._stats[n].k_target for n in results if n in self._penalty})
+
+    def _review(self, results: Mapping[str, LayerRefresh]) -> None:
+        """The guard tries the new factors; stopped layers lose them, backed-off layers decay slower."""
+        names = [n for n in results if n in self._penalty]
+        self.guard.review({n: self.targets[n].weight for n in names}, {n: self._penalty[n] for n in names},
+                          self.config.fraction, self.step)
+        for name in names:
+            if name in self.guard.stopped:
+                self._forget(name)
+                self._stats[name] = replace(self._stats[name], k_target=None, reason=(
+                    f"guard: one interval of decay raised the guard loss by {self.guard.stopped[name]:.4g}"))
+            else:
+                self._rates[name] = self._rate(name)
+
+    def _forget(self, name: str) -> None:
+        self._factors.pop(name, None)
+        self._penalty.pop(name, None)
+
+    def _rate(self, name: str) -> float:
+        scale = self.guard.scale(name) if self.guard is not None else 1.0
+        return per_step_rate(self.config.fraction * scale, self.config.interval)
 
     def _warn_nonfinite(self, name: str, reason: str) -> None:
         if name not in self._warned:
@@ -157,8 +194,7 @@ class SelectiveSpectralDecay:
             ok = torch.stack([torch.isfinite(self.targets[n].weight).all() for n in names])
         for name, fine in zip(names, ok.tolist()):
             if not fine:
-                self._factors.pop(name, None)
-                self._penalty.pop(name, None)
+                self._forget(name)
                 stats = self._stats.get(name)
                 if stats is not None:
                     self._stats[name] = replace(stats, k_target=None, skipped=True,
@@ -168,6 +204,10 @@ class SelectiveSpectralDecay:
     def _set_factors(self, name: str, f: Spectrum) -> None:
         w = self.targets[name].weight
         self._factors[name] = f
+        if self.config.update == "relative":
+            self._penalty[name] = (f.U.to(device=w.device, dtype=w.dtype), f.V.to(device=w.device, dtype=w.dtype))
+            self._rates[name] = self._rate(name)
+            return
         scale = self.config.strength * f.S.double().pow(self.config.power)
         left = (f.U.double() * scale).to(device=w.device, dtype=w.dtype)
         self._penalty[name] = (left, f.V.to(device=w.device, dtype=w.dtype))
@@ -217,15 +257,6 @@ class SelectiveSpectralDecay:
             self._start_async()
         self._peaks.clear()
 
-    def _log_refresh(self, results: Mapping[str, LayerRefresh]) -> None:
-        picked = {n: r.stats.k_target for n, r in results.items() if r.factors is not None}
-        skipped = [n for n, r in results.items() if r.stats.skipped]
-        vals = [(r.stats.max_activation, n) for n, r in results.items() if not math.isnan(r.stats.max_activation)]
-        worst = max(vals) if vals else (math.nan, "-")
-        logger.info("S2D refresh @ step %d: %d/%d layers penalised, %d skipped, worst max|a| %.4g (%s)",
-                    self.step, len(picked), len(results), len(skipped), worst[0], worst[1])
-        logger.debug("S2D k_target per layer: %s; skipped: %s", picked, skipped)
-
     # ------------------------------------------------------------------ optimizer hooks
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> tuple | None:
         # args = (optimizer, *step_args): a closure is step's first argument, or the keyword
@@ -269,7 +300,12 @@ class SelectiveSpectralDecay:
                     add_low_rank_(g, left, v)
 
     def _post_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
-        if self.config.update == "decoupled":
+        if self.config.update == "relative":
+            for name, (u, v) in self._penalty.items():
+                w = self.targets[name].weight
+                if w.grad is not None:
+                    relative_decay_(w, u, v, self._rates[name])
+        elif self.config.update == "decoupled":
             with torch.no_grad():
                 for name, (left, v) in self._penalty.items():
                     w = self.targets[name].weight
@@ -303,6 +339,7 @@ class SelectiveSpectralDecay:
             "stats": {n: asdict(s) for n, s in self._stats.items()},
             "peaks": {n: [{"max_abs": p.max_abs.clone(), "x": p.x.clone(), "neuron": p.neuron.clone()} for p in ps]
                       for n, ps in self._peaks.items()},
+            "guard": self.guard.state_dict() if self.guard is not None else None,
         }
 
     def load_state_dict(self, sd: Mapping, strict: bool = True) -> None:
@@ -319,6 +356,8 @@ class SelectiveSpectralDecay:
         self._armed, self._force = bool(sd["armed"]), bool(sd["force"])
         self._factors.clear()
         self._penalty.clear()
+        if self.guard is not None and sd.get("guard"):
+            self.guard.load_state_dict(sd["guard"])
         for n, f in sd["factors"].items():
             if n in self.targets:
                 self._set_factors(n, Spectrum(U=f["U"], S=f["S"], V=f["V"]))

@@ -27,7 +27,7 @@ from s2d.utils import real_tokens
 logger = logging.getLogger(__name__)
 
 __all__ = ["LayerStats", "ActivationPeak", "LayerRefresh", "compute_refresh", "find_peak", "find_targets",
-           "reduce_peaks"]
+           "log_refresh", "reduce_peaks"]
 
 
 @dataclass
@@ -41,7 +41,7 @@ class LayerStats:
     k_target: int | None       # components penalised until the next refresh (None: healthy / skipped)
     max_activation: float      # largest |output| seen on the refresh step (nan: none)
     skipped: bool              # the layer could not be refreshed (see ``reason``)
-    reason: str | None         # why it was skipped
+    reason: str | None         # why it was skipped, or why the guard does not decay it
     refreshed_at: int          # optimizer step of the refresh
 
 
@@ -172,11 +172,21 @@ def _refresh_layer(name: str, w: Tensor, sv: Spectrum | None, peak: ActivationPe
             k = select_rank(curve, config.tau, min(config.k_max, sv.rank - 1)) if sv.rank > 1 else None
     elif config.selection == "pcdr":
         k, reason = None, "no activation captured"
-    factors = top_k(sv, k) if k is not None and config.strength > 0 else None
-    if factors is not None and not _penalty_finite(factors, config, w.dtype):
+    factors = top_k(sv, k) if k is not None and config.active else None
+    if factors is not None and config.update != "relative" and not _penalty_finite(factors, config, w.dtype):
         factors, k, reason = None, None, "penalty overflows the weight dtype"
     stats = LayerStats(name, shape, float(sv.S[0]), pcdr, k, value, reason is not None, reason, step)
     return LayerRefresh(name, factors, stats)
+
+
+def log_refresh(results: Mapping[str, LayerRefresh], step: int, penalised: Mapping[str, int | None]) -> None:
+    """Log one refresh: layers penalised (name -> k, after any guard), skipped, the worst max |a|."""
+    skipped = [n for n, r in results.items() if r.stats.skipped]
+    vals = [(r.stats.max_activation, n) for n, r in results.items() if not math.isnan(r.stats.max_activation)]
+    worst = max(vals) if vals else (math.nan, "-")
+    logger.info("S2D refresh @ step %d: %d/%d layers penalised, %d skipped, worst max|a| %.4g (%s)",
+                step, len(penalised), len(results), len(skipped), worst[0], worst[1])
+    logger.debug("S2D k_target per layer: %s; skipped: %s", dict(penalised), skipped)
 
 
 def _penalty_finite(f: Spectrum, config: S2DConfig, dtype: torch.dtype) -> bool:

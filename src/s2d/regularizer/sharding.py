@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "ShardedRefresh",
     "add_low_rank_",
+    "low_rank_projections",
     "CommBytes",
     "broadcast_from_owners",
     "gather_to_owner",
@@ -298,6 +299,22 @@ def add_low_rank_(target: torch.Tensor, left: torch.Tensor, v: torch.Tensor, alp
     local = target.to_local()
     local.addmm_(left[rows[0] : rows[1]].to(local.device, local.dtype), v.to(local.device, local.dtype).T,
                  alpha=alpha)
+
+
+def low_rank_projections(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """s_r = u_rᵀ W v_r for each of the k columns: (k,) in float32 or wider, no gradient.
+
+    weight: (m, n) tensor or DTensor (``Shard(0)``: each rank sums its rows, then the group sums);
+    u: (m, k); v: (n, k).
+    """
+    rows = local_rows(weight)
+    local = weight if rows is None else weight.to_local()
+    u = u if rows is None else u[rows[0] : rows[1]]
+    dtype = torch.promote_types(local.dtype, torch.float32)
+    s = (u.to(local.device, dtype) * (local.to(dtype) @ v.to(local.device, dtype))).sum(0)
+    if rows is not None:
+        dist.all_reduce(s, group=weight.device_mesh.get_group())
+    return s
 
 
 # --------------------------------------------------------------------------- FSDP2 weights

@@ -1,10 +1,10 @@
-"""Fine-tuning hyperparameters: :class:`TrainConfig`."""
+"""Fine-tuning hyperparameters: :class:`TrainConfig`; conditioning by self-distillation: :class:`ConditionConfig`."""
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
-__all__ = ["TrainConfig", "SCHEDULES", "OPTIMIZERS"]
+__all__ = ["TrainConfig", "ConditionConfig", "SCHEDULES", "OPTIMIZERS"]
 
 SCHEDULES = ("cosine", "linear", "constant")
 OPTIMIZERS = ("adamw", "muon")
@@ -72,3 +72,27 @@ class TrainConfig:
 def _positive(name: str, value: float) -> None:
     if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
         raise ValueError(f"TrainConfig.{name} must be a finite number > 0, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ConditionConfig:
+    """Hyperparameters of :func:`s2d.train.condition.condition` (S2D under self-distillation, no labels);
+    the batch size is the loader's."""
+    steps: int = 60                    # optimizer steps on unlabeled training inputs
+    lr: float = 2e-5                   # AdamW learning rate (constant: the teacher does not move)
+    temperature: float = 1.0           # softmax temperature of teacher and student in the KL
+    max_grad_norm: float = 1.0         # gradient clipping norm (0: no clipping)
+    guard_examples: int = 128          # held-out inputs of the guard (KL to the teacher); 0: no guard
+    seed: int = 0                      # data order
+
+    def __post_init__(self) -> None:
+        for name, low in (("steps", 1), ("guard_examples", 0), ("seed", 0)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"ConditionConfig.{name} must be an integer >= {low}, got {value!r}")
+        for name in ("lr", "temperature"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"ConditionConfig.{name} must be a finite number > 0, got {value!r}")
+        if not (isinstance(self.max_grad_norm, (int, float)) and self.max_grad_norm >= 0):
+            raise ValueError(f"ConditionConfig.max_grad_norm must be >= 0, got {self.max_grad_norm!r}")

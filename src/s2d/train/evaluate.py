@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from s2d.utils import eval_mode, real_tokens, to_device, token_mask
 
-__all__ = ["Outcomes", "evaluate", "evaluate_examples", "evaluate_outcomes", "probe_max_abs"]
+__all__ = ["Outcomes", "evaluate", "evaluate_examples", "evaluate_outcomes", "held_out_loss", "probe_max_abs"]
 
 
 @torch.no_grad()
@@ -39,6 +39,7 @@ class Outcomes:
     """Per-example results of one evaluation, in loader order, on the CPU."""
     correct: torch.Tensor                 # (N,) bool: top-1 of ``logits`` equals the label
     nll: torch.Tensor | None = None       # (N,) float: the model's ``text_nll`` (causal LMs), nats/token
+    pred: torch.Tensor | None = None      # (N,) long: top-1 class (agreement between two models)
 
 
 @torch.no_grad()
@@ -49,7 +50,7 @@ def evaluate_outcomes(model: nn.Module, loader: Iterable[dict], progress: bool =
     Under torch.distributed every process scores the whole loader."""
     device = next(model.parameters()).device
     n = len(loader) if max_batches is None else min(max_batches, len(loader))
-    hits, nlls = [], []
+    hits, nlls, preds = [], [], []
     with eval_mode(model):
         for i, batch in enumerate(tqdm(loader, total=n, desc="eval", disable=not progress, leave=False)):
             if i >= n:
@@ -57,11 +58,14 @@ def evaluate_outcomes(model: nn.Module, loader: Iterable[dict], progress: bool =
             batch = to_device(batch, device)
             labels = batch.pop("labels")
             out = model(**batch)
-            hits.append((out.logits.argmax(-1) == labels).cpu())
+            pred = out.logits.argmax(-1)
+            hits.append((pred == labels).cpu())
+            preds.append(pred.cpu())
             if getattr(out, "text_nll", None) is not None:
                 nlls.append(out.text_nll.float().cpu())
     correct = torch.cat(hits) if hits else torch.zeros(0, dtype=torch.bool)
-    return Outcomes(correct, torch.cat(nlls) if nlls and len(nlls) == len(hits) else None)
+    return Outcomes(correct, torch.cat(nlls) if nlls and len(nlls) == len(hits) else None,
+                    torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long))
 
 
 def evaluate_examples(model: nn.Module, loader: Iterable[dict], progress: bool = True,
@@ -78,3 +82,16 @@ def evaluate(model: nn.Module, loader: Iterable[dict], progress: bool = True, ma
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(counts)
     return float(counts[0]) / max(1, int(counts[1]))
+
+
+@torch.no_grad()
+def held_out_loss(model: nn.Module, batches: list[dict]) -> float:
+    """The model's own loss (``model(**batch).loss``, labels included) averaged over ``batches`` weighted by
+    their sizes, in eval mode: the guard loss of S2D's relative update during fine-tuning."""
+    total, n = 0.0, 0
+    with eval_mode(model):
+        for batch in batches:
+            size = len(batch["labels"])
+            total += float(model(**batch).loss) * size
+            n += size
+    return total / max(1, n)

@@ -34,7 +34,7 @@ from s2d.quant.qat import prepare_qat
 from s2d.regularizer import S2DConfig, SelectiveSpectralDecay
 from s2d.train.checkpoint import checkpoint_state, latest_checkpoint, load_checkpoint, save_checkpoint
 from s2d.train.config import TrainConfig
-from s2d.train.evaluate import evaluate, probe_max_abs
+from s2d.train.evaluate import evaluate, held_out_loss, probe_max_abs
 from s2d.train.optim import build_optimizers, lr_lambda
 from s2d.utils import jsonable, to_device
 
@@ -80,14 +80,17 @@ class _Session:
 def finetune(bundle: ModelBundle, loaders: Loaders, train_cfg: TrainConfig, *, optimizer: str = "adamw",
              s2d_config: S2DConfig | None = None, qat: QuantConfig | None = None,
              qat_calib: list[dict] | None = None, out_dir: Path | str | None = None, progress: bool = True,
-             callback: Callable[[int, TrainResult], None] | None = None) -> TrainResult:
+             callback: Callable[[int, TrainResult], None] | None = None,
+             guard_batches: list[dict] | None = None) -> TrainResult:
     """Fine-tune ``bundle.model`` in place on ``loaders.train``; returns the :class:`TrainResult`.
 
     s2d_config: attach :class:`SelectiveSpectralDecay` to the optimizer owning the hidden Linear
     weights. qat: fake-quant training (:func:`s2d.quant.qat.prepare_qat`; the model is left prepared,
     call ``convert_qat`` to freeze; ``qat_calib`` batches initialise its activation ranges, otherwise
     the first training batch does). out_dir: checkpoints go there, and a run with a checkpoint there
-    resumes from it. callback(step, result) is called after every optimizer step.
+    resumes from it. callback(step, result) is called after every optimizer step. guard_batches: held-out
+    labelled batches whose loss guards S2D's relative update (:class:`s2d.regularizer.guard.DecayGuard`;
+    ignored for the other updates).
     """
     t0 = time.perf_counter()
     torch.manual_seed(train_cfg.seed)
@@ -96,7 +99,7 @@ def finetune(bundle: ModelBundle, loaders: Loaders, train_cfg: TrainConfig, *, o
                               step_scheduler_with_optimizer=False)
     if qat is not None:
         bundle.model = prepare_qat(bundle.model, qat, calib=qat_calib, progress=progress)
-    run = _prepare(accelerator, bundle.model, loaders, train_cfg, optimizer, s2d_config)
+    run = _prepare(accelerator, bundle.model, loaders, train_cfg, optimizer, s2d_config, guard_batches)
     result = TrainResult(optimizer=optimizer, steps=run.total, final_loss=float("nan"),
                          s2d_config=jsonable(s2d_config), qat=jsonable(qat))
     out = Path(out_dir) if out_dir is not None else None
@@ -114,7 +117,7 @@ def finetune(bundle: ModelBundle, loaders: Loaders, train_cfg: TrainConfig, *, o
 
 
 def _prepare(accelerator: Accelerator, model: nn.Module, loaders: Loaders, cfg: TrainConfig, optimizer: str,
-             s2d_config: S2DConfig | None) -> _Session:
+             s2d_config: S2DConfig | None, guard_batches: list[dict] | None = None) -> _Session:
     """Optimizers, accelerate wrapping, LR schedulers and S2D for ``model`` (in training mode)."""
     model.train()
     optimizers = build_optimizers(model, optimizer, cfg)
@@ -123,8 +126,20 @@ def _prepare(accelerator: Accelerator, model: nn.Module, loaders: Loaders, cfg: 
     raw = accelerator.unwrap_model(model)
     total = cfg.total_steps(len(train_loader))
     schedulers = [torch.optim.lr_scheduler.LambdaLR(o.optimizer, lr_lambda(cfg, total)) for o in optimizers]
-    decay = SelectiveSpectralDecay(raw, optimizers[0].optimizer, s2d_config) if s2d_config is not None else None
+    decay = None
+    if s2d_config is not None:
+        decay = SelectiveSpectralDecay(raw, optimizers[0].optimizer, s2d_config,
+                                       guard=_guard_loss(raw, guard_batches, accelerator.device, s2d_config))
     return _Session(accelerator, model, raw, optimizers, schedulers, train_loader, val_loader, decay, total)
+
+
+def _guard_loss(model: nn.Module, batches: list[dict] | None, device: torch.device,
+                s2d_config: S2DConfig) -> Callable[[], float] | None:
+    """The held-out loss that guards the relative update (None: no batches, or another update)."""
+    if s2d_config.update != "relative" or not batches:
+        return None
+    held = [to_device(b, device) for b in batches]
+    return lambda: held_out_loss(model, held)
 
 
 def _resume(run: _Session, out: Path, result: TrainResult) -> int:
