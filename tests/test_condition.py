@@ -11,7 +11,9 @@ import torch
 import s2d.pipeline.experiment as experiment
 from s2d.pipeline.cli import main
 from s2d.pipeline.config import DataConfig, ModelConfig
+from s2d.pipeline.evidence import outlier_reduction
 from s2d.pipeline.experiment import load_task, run_experiment
+from s2d.pipeline.report import write_report
 from s2d.pipeline.parse import from_dict
 from s2d.regularizer import S2DConfig
 from s2d.train import ConditionConfig, condition
@@ -90,6 +92,9 @@ def test_relative_and_condition_arms_in_a_run(tiny, tmp_path, monkeypatch):
     assert runs["adamw+condition"]["train"]["steps"] == 4
     assert runs["adamw+s2d-rel"]["s2d_config"]["update"] == "relative"
     assert len(res.cells) == 3
+    write_report(res, tmp_path / "run")
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert "**adamw+condition vs adamw**" in md and "fraction=0.5" in md
 
 
 @pytest.mark.parametrize("over,match", [
@@ -120,3 +125,17 @@ def test_condition_cli(tiny, tmp_path, capsys):
 def test_condition_cli_needs_data_for_a_model(tiny, tmp_path, capsys):
     assert main(["condition", str(tiny[0]), "--out", str(tmp_path / "x")]) == 2
     assert "--data is required" in capsys.readouterr().err
+
+
+def test_outlier_reduction_by_hand():
+    def probes(a_k, a, b):
+        return [{"name": "a", "k_target": a_k, "max_abs": a}, {"name": "b", "k_target": None, "max_abs": b}]
+    res = {"arms": {"adamw": {}, "x": {}},
+           "runs": [{"name": "adamw", "seed": 0, "probes": probes(1, 100.0, 500.0)},
+                    {"name": "x", "seed": 0, "probes": probes(None, 20.0, 600.0)},
+                    {"name": "adamw", "seed": 1, "probes": probes(2, 50.0, 10.0)},
+                    {"name": "x", "seed": 1, "probes": probes(1, 25.0, 1.0)}]}
+    (row,) = outlier_reduction(res)
+    assert row["arm"] == "x" and row["seeds"] == 2 and row["layers"] == 1.0     # only "a" is selected in adamw
+    assert row["baseline"] == 75.0 and row["arm_max_abs"] == 22.5
+    assert row["ratio"] == pytest.approx((5.0 + 2.0) / 2) and (row["ratio_min"], row["ratio_max"]) == (2.0, 5.0)

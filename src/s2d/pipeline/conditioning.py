@@ -21,6 +21,7 @@ from torch import nn
 from s2d.data import Loaders, calibration_batches
 from s2d.models import ModelBundle
 from s2d.pipeline.config import scale_interval
+from s2d.pipeline.evidence import selected_max_abs
 from s2d.pipeline.experiment import load_task, ptq_cell
 from s2d.pipeline.inspection import cli_task
 from s2d.pipeline.parse import from_dict
@@ -32,7 +33,7 @@ from s2d.regularizer import S2DConfig
 from s2d.train import ConditionConfig, Outcomes, condition, evaluate_outcomes
 from s2d.utils import jsonable, write_json, write_text
 
-__all__ = ["add_condition", "cmd_condition", "selected_max_abs"]
+__all__ = ["add_condition", "cmd_condition"]
 
 
 def add_condition(sub: argparse._SubParsersAction) -> None:
@@ -138,16 +139,6 @@ def _save(bundle: ModelBundle, path: Path) -> None:
     bundle.model.save_pretrained(path)
     if bundle.tokenizer is not None:
         bundle.tokenizer.save_pretrained(path)
-
-
-def selected_max_abs(before: list[dict], after: list[dict]) -> tuple[float, float, list[str]]:
-    """Worst max |a| over the layers PCDR selects in ``before`` (k_target set), before and after; their names."""
-    names = [r["name"] for r in before if r["k_target"] is not None and math.isfinite(r["max_abs"])]
-    by_name = {r["name"]: r for r in after}
-    if not names:
-        return math.nan, math.nan, []
-    return (max(r["max_abs"] for r in before if r["name"] in names),
-            max(by_name[n]["max_abs"] for n in names), names)
 
 
 def _agreement(a: Outcomes, b: Outcomes) -> float:

@@ -18,7 +18,8 @@ from s2d.quant import Bits
 from s2d.stats import Comparison, Estimate, cell_estimate, paired_comparison
 
 __all__ = ["METRICS", "float_arms", "qat_kinds", "table_columns", "bits_key", "outcome_grid", "accuracy_rows",
-           "has_nll", "verdict", "perplexity_verdict", "ratio_pct", "estimate_pct"]
+           "has_nll", "verdict", "perplexity_verdict", "ratio_pct", "estimate_pct", "selected_max_abs",
+           "outlier_reduction"]
 
 Key = tuple[str, str]            # (bits, method): ("FP", "-"), ("W4A4", "repq"), ("W4A4", "QAT")
 
@@ -160,3 +161,39 @@ def _delta(c: Comparison) -> str:
 def estimate_pct(e: Estimate) -> tuple[float, float, float]:
     """(mean, lo, hi) in percent, for plots."""
     return 100 * e.mean, 100 * e.lo, 100 * e.hi
+
+
+def selected_max_abs(before: list[dict], after: list[dict]) -> tuple[float, float, list[str]]:
+    """Worst max |a| over the layers PCDR selects in ``before`` (k_target set), in ``before`` and in
+    ``after`` (two per-layer probe tables, `LayerReport` dicts), and those layers' names."""
+    names = [r["name"] for r in before if r["k_target"] is not None and math.isfinite(r["max_abs"])]
+    by_name = {r["name"]: r for r in after}
+    names = [n for n in names if n in by_name]
+    if not names:
+        return math.nan, math.nan, []
+    return (max(r["max_abs"] for r in before if r["name"] in names),
+            max(by_name[n]["max_abs"] for n in names), names)
+
+
+def outlier_reduction(res: dict, baseline: str = "adamw") -> list[dict]:
+    """Per float arm but the baseline: the worst max |a| over the layers PCDR selects in the baseline's
+    model of the same seed, baseline vs arm, and their ratio, over the seeds both have.
+
+    Returns rows {"arm", "seeds", "layers" (mean count), "baseline", "arm_max_abs" (means), "ratio" (mean
+    of the per-seed ratios), "ratio_min", "ratio_max"}."""
+    probes = {(r["name"], r["seed"]): r.get("probes") or [] for r in res["runs"]}
+    rows = []
+    for arm in float_arms(res):
+        if arm == baseline:
+            continue
+        per_seed = [selected_max_abs(probes[(baseline, s)], probes[(arm, s)]) for b, s in probes
+                    if b == arm and (baseline, s) in probes]
+        per_seed = [t for t in per_seed if t[2]]
+        if not per_seed:
+            continue
+        ratios = [b / a for b, a, _ in per_seed]
+        rows.append({"arm": arm, "seeds": len(per_seed), "layers": float(np.mean([len(t[2]) for t in per_seed])),
+                     "baseline": float(np.mean([t[0] for t in per_seed])),
+                     "arm_max_abs": float(np.mean([t[1] for t in per_seed])), "ratio": float(np.mean(ratios)),
+                     "ratio_min": min(ratios), "ratio_max": max(ratios)})
+    return rows

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import numpy as np
 
-from s2d.pipeline.evidence import accuracy_rows, float_arms, perplexity_verdict, qat_kinds, verdict
+from s2d.pipeline.evidence import accuracy_rows, float_arms, outlier_reduction, perplexity_verdict, qat_kinds, verdict
 from s2d.pipeline.experiment import ExperimentResult
 from s2d.pipeline.figures import FIGURES
 from s2d.pipeline.provenance import machine, versions
 from s2d.pipeline.rundir import pack_outcomes, unpack_outcomes
-from s2d.pipeline.tables import (format_accuracy_table, format_layer_table, format_perplexity_table, format_qat_table,
-                                 format_sensitivity_table)
+from s2d.pipeline.tables import (format_accuracy_table, format_layer_table, format_outlier_table, format_perplexity_table,
+                                 format_qat_table, format_sensitivity_table)
 from s2d.utils import atomic_write, write_json, write_text
 
 __all__ = ["FIGURE_CAPTIONS", "OUTCOMES", "accuracy_caption", "verdict_lines", "terminal_summary", "render_markdown",
@@ -49,12 +49,21 @@ def accuracy_caption(res: dict, baseline: str = "adamw", qat_baseline: str = "qa
     return text + ". CIs: bootstrap over seeds and test examples (docs/statistics.md)."
 
 
+PAPER_ARM = "adamw+s2d"                                  # the paper-faithful S2D arm
+SHORT_SCHEDULE_ARMS = ("adamw+s2d-rel", "adamw+condition")  # also compared with PAPER_ARM
+
+
 def verdict_lines(res: dict, baseline: str = "adamw", qat_baseline: str = "qat") -> list[str]:
-    """The report's opening: each arm against the baseline, from the numbers."""
+    """The report's opening: each arm against the baseline (and the short-schedule arms against the
+    paper's S2D arm), from the numbers."""
     lines = []
-    for arm in float_arms(res):
+    arms = float_arms(res)
+    for arm in arms:
         if arm != baseline:
             lines += verdict(res, arm, baseline) + perplexity_verdict(res, arm, baseline) + [""]
+    for arm in SHORT_SCHEDULE_ARMS:
+        if arm in arms and PAPER_ARM in arms and PAPER_ARM != baseline:
+            lines += verdict(res, arm, PAPER_ARM) + perplexity_verdict(res, arm, PAPER_ARM) + [""]
     qat = [r for r in accuracy_rows(res, baseline, qat_baseline) if r["method"] == "QAT"]
     for r in qat:
         for kind, c in r["deltas"].items():
@@ -99,6 +108,12 @@ def render_markdown(res: dict, figures: dict[str, str], baseline: str = "adamw")
     if qat:
         parts += ["## Quantization-aware training (accuracy % at the arm's own bits, mean ± 95 % CI; paired delta)",
                   "", qat, ""]
+    outliers = outlier_reduction(res, baseline)
+    if outliers:
+        parts += ["## Outliers of the layers PCDR selects", "",
+                  f"Per seed, the layers whose largest activation PCDR selects (k_target set, τ of the config) in "
+                  f"{baseline}'s model, and the largest max |a| over them on the probe batches, in {baseline} and in "
+                  "each arm of the same seed.", "", format_outlier_table(outliers, baseline), ""]
     parts += _sensitivity_section(res)
     parts += ["## FFN layers after fine-tuning (Table 3 style)", "",
               "PCDR_1, max |a| (on the probe batches, padding left out) and σ_max of every FFN Linear, per arm, "
@@ -137,8 +152,10 @@ def _arms_table(res: dict) -> list[str]:
              "|---|---|---|---|---|---|---|"]
     for name, a in res["arms"].items():
         s2d = a["s2d_config"]
-        s2d_txt = "-" if not s2d else (f"λ={s2d['strength']:g} n={s2d['power']:g} τ={s2d['tau']:g} "
-                                       f"k≤{s2d['k_max']} every {s2d['interval']} ({s2d['selection']}, {s2d['update']})")
+        strength = (f"fraction={s2d.get('fraction'):g}" if s2d and s2d["update"] == "relative"
+                    else f"λ={s2d['strength']:g} n={s2d['power']:g}" if s2d else "")
+        s2d_txt = "-" if not s2d else (f"{strength} τ={s2d['tau']:g} k≤{s2d['k_max']} every {s2d['interval']} "
+                                       f"({s2d['selection']}, {s2d['update']})")
         runs = [r for r in res["runs"] if r["name"] == name]
         if runs:
             lines.append(f"| {name} | {a['optimizer']} | {s2d_txt} | {len(runs)} | "

@@ -17,7 +17,7 @@ from s2d.pipeline.evidence import accuracy_rows, float_arms, has_nll, qat_kinds,
 from s2d.stats import format_comparison, format_estimate
 
 __all__ = ["format_accuracy_table", "format_perplexity_table", "format_qat_table", "is_ffn", "layer_rows", "format_layer_table",
-           "format_inspect_table", "format_condition_table", "format_peak_table", "format_sensitivity_table",
+           "format_inspect_table", "format_condition_table", "format_outlier_table", "format_peak_table", "format_sensitivity_table",
            "short_name"]
 
 
@@ -138,6 +138,16 @@ def format_inspect_table(layers: list[dict]) -> str:
         cells = [r["name"], r.get("role", "-"), "x".join(map(str, r["shape"])), f"{r['sigma_max']:.2f}", *pcdr,
                  "-" if r["k_target"] is None else str(r["k_target"]), f"{r['max_abs']:.1f}", f"{r['kurtosis']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_outlier_table(rows: list[dict], baseline: str = "adamw") -> str:
+    """Markdown of :func:`s2d.pipeline.evidence.outlier_reduction` rows."""
+    lines = [f"| arm | seeds | layers PCDR selects in {baseline} | worst max \\|a\\| {baseline} | worst max \\|a\\| arm | "
+             f"{baseline} / arm (mean, min..max over seeds) |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['arm']} | {r['seeds']} | {r['layers']:.1f} | {r['baseline']:.1f} | {r['arm_max_abs']:.1f} | "
+                     f"{r['ratio']:.2f}x ({r['ratio_min']:.2f}..{r['ratio_max']:.2f}) |")
     return "\n".join(lines)
 
 
