@@ -80,7 +80,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--chunks", type=int, default=10, help="timed chunks per arm (each = interval steps)")
     ap.add_argument("--interval", type=int, default=100)
-    ap.add_argument("--update", default="coupled", choices=["coupled", "decoupled"])
+    ap.add_argument("--update", default="coupled", choices=["coupled", "decoupled", "relative"])
     ap.add_argument("--selection", default="pcdr", choices=["pcdr", "all"],
                     help="'all' penalises every layer at every step (the worst case for the per-step cost)")
     ap.add_argument("--batch", type=int, default=16)

@@ -95,6 +95,10 @@ def test_relative_and_condition_arms_in_a_run(tiny, tmp_path, monkeypatch):
     write_report(res, tmp_path / "run")
     md = (tmp_path / "run" / "report.md").read_text()
     assert "**adamw+condition vs adamw**" in md and "fraction=0.5" in md
+    arm_dir = tmp_path / "run" / "arms" / "adamw@s0"                  # `s2d condition` on a run's arm
+    assert main(["condition", str(arm_dir), "--out", str(tmp_path / "c"), "--steps", "2", "--bits", "W8A8",
+                 "--batch-size", "16", "--guard-examples", "0", "--no-progress"]) == 0
+    assert json.loads((tmp_path / "c" / "condition.json").read_text())["summary"]["test_examples"] == 16
 
 
 @pytest.mark.parametrize("over,match", [
@@ -122,9 +126,11 @@ def test_condition_cli(tiny, tmp_path, capsys):
     assert main(["evaluate", str(out / "model"), "--data", str(tiny[1]), "--max-length", "16", "--no-progress"]) == 0
 
 
-def test_condition_cli_needs_data_for_a_model(tiny, tmp_path, capsys):
-    assert main(["condition", str(tiny[0]), "--out", str(tmp_path / "x")]) == 2
-    assert "--data is required" in capsys.readouterr().err
+@pytest.mark.parametrize("extra,message", [([], "--data is required"), (["--data", "x", "--fraction", "1"], "--fraction"),
+                                           (["--data", "x", "--steps", "0"], "--steps must be >= 1")])
+def test_condition_cli_errors(tiny, tmp_path, capsys, extra, message):
+    assert main(["condition", str(tiny[0]), "--out", str(tmp_path / "x"), *extra]) == 2
+    assert message in capsys.readouterr().err
 
 
 def test_outlier_reduction_by_hand():

@@ -81,8 +81,12 @@ def cmd_condition(args: argparse.Namespace) -> int:
     bits = Bits.parse(args.bits, "--bits")
     if args.method not in available_methods():
         raise ValueError(f"--method must be one of {', '.join(available_methods())}, got {args.method!r}")
-    if args.interval is not None and args.interval < 1:
-        raise ValueError(f"--interval must be >= 1, got {args.interval}")
+    for flag, value, low in (("--steps", args.steps, 1), ("--interval", args.interval, 1),
+                             ("--guard-examples", args.guard_examples, 0), ("--calib-samples", args.calib_samples, 1)):
+        if value is not None and value < low:
+            raise ValueError(f"{flag} must be >= {low}, got {value}")
+    if not 0 < args.fraction < 1:
+        raise ValueError(f"--fraction must be in (0, 1), got {args.fraction}")
     s2d_config = _s2d_config(args)
     bundle, loaders = _load(args)          # a run's arm sets args.seed to its own
     cond = ConditionConfig(steps=args.steps, lr=args.lr, guard_examples=args.guard_examples, seed=args.seed)
