@@ -23,7 +23,7 @@ from s2d.regularizer import S2DConfig, SelectiveSpectralDecay
 from s2d.train.config import ConditionConfig
 from s2d.utils import eval_mode, jsonable, to_device
 
-__all__ = ["AllBut", "ConditionResult", "condition", "distill_logits", "held_out_kl", "kl_to_teacher"]
+__all__ = ["AllBut", "ConditionResult", "condition", "distill_logits", "held_out_kl", "kl_to_teacher", "teacher_logits"]
 
 
 @dataclass
@@ -65,15 +65,27 @@ def kl_to_teacher(teacher: Tensor, student: Tensor, temperature: float = 1.0) ->
 
 
 @torch.no_grad()
-def held_out_kl(student: nn.Module, teacher: nn.Module, batches: list[dict], temperature: float = 1.0) -> float:
-    """KL(teacher ‖ student) in nats per row, averaged over ``batches`` weighted by their rows (eval mode)."""
+def held_out_kl(student: nn.Module, teacher: nn.Module | list[Tensor], batches: list[dict],
+                temperature: float = 1.0) -> float:
+    """KL(teacher ‖ student) in nats per row, averaged over ``batches`` weighted by their rows (eval mode).
+
+    teacher: the teacher model, or its :func:`distill_logits` of each batch, computed once (the guard
+    asks many times and the teacher does not change).
+    """
     total, rows = 0.0, 0
-    with eval_mode(student), eval_mode(teacher):
-        for batch in batches:
-            t = distill_logits(teacher, batch)
+    with eval_mode(student):
+        for i, batch in enumerate(batches):
+            t = teacher[i] if isinstance(teacher, list) else teacher_logits(teacher, [batch])[0]
             total += float(kl_to_teacher(t, distill_logits(student, batch), temperature)) * len(t)
             rows += len(t)
     return total / max(1, rows)
+
+
+@torch.no_grad()
+def teacher_logits(teacher: nn.Module, batches: list[dict]) -> list[Tensor]:
+    """:func:`distill_logits` of ``teacher`` on each batch, in eval mode."""
+    with eval_mode(teacher):
+        return [distill_logits(teacher, b) for b in batches]
 
 
 def _unlabeled(loader: Iterable[dict], device: torch.device) -> Iterator[dict]:
@@ -102,7 +114,8 @@ def condition(model: nn.Module, loader: Iterable[dict], cfg: ConditionConfig, s2
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     held = [to_device(b, device, drop_labels=True) for b in guard_batches or []]
-    guard = (lambda: held_out_kl(model, teacher, held, cfg.temperature)) if held else None
+    targets = teacher_logits(teacher, held)
+    guard = (lambda: held_out_kl(model, targets, held, cfg.temperature)) if held else None
     if s2d_config.include is None:
         s2d_config = replace(s2d_config, include=AllBut(tuple(sorted(head_names(model)))))
     decay = SelectiveSpectralDecay(model, optimizer, s2d_config, guard=guard)

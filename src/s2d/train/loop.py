@@ -138,7 +138,8 @@ def _guard_loss(model: nn.Module, batches: list[dict] | None, device: torch.devi
     """The held-out loss that guards the relative update (None: no batches, or another update)."""
     if s2d_config.update != "relative" or not batches:
         return None
-    held = [to_device(b, device) for b in batches]
+    # without "text_mask" a causal LM scores only its answer token: the guard needs the loss, not the perplexity
+    held = [to_device({k: v for k, v in b.items() if k != "text_mask"}, device) for b in batches]
     return lambda: held_out_loss(model, held)
 
 
