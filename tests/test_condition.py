@@ -91,6 +91,7 @@ def test_relative_and_condition_arms_in_a_run(tiny, tmp_path, monkeypatch):
     runs = {r["name"]: r for r in res.runs}
     assert runs["adamw+condition"]["train"]["steps"] == 4
     assert runs["adamw+s2d-rel"]["s2d_config"]["update"] == "relative"
+    assert isinstance(runs["adamw+s2d-rel"]["train"]["s2d_guard"], list) and runs["adamw"]["train"]["s2d_guard"] is None
     assert len(res.cells) == 3
     write_report(res, tmp_path / "run")
     md = (tmp_path / "run" / "report.md").read_text()
@@ -145,3 +146,17 @@ def test_outlier_reduction_by_hand():
     assert row["arm"] == "x" and row["seeds"] == 2 and row["layers"] == 1.0     # only "a" is selected in adamw
     assert row["baseline"] == 75.0 and row["arm_max_abs"] == 22.5
     assert row["ratio"] == pytest.approx((5.0 + 2.0) / 2) and (row["ratio_min"], row["ratio_max"]) == (2.0, 5.0)
+
+
+def test_condition_order_does_not_depend_on_the_loaders_past(tiny):
+    """Conditioning is a function of (model, dataset, config): iterating the loader before changes nothing."""
+    results = []
+    for burn in (0, 3):
+        bundle, loaders, _ = _planted_task(tiny)
+        for _ in range(burn):
+            list(loaders.train)
+        cfg = S2DConfig(update="relative", fraction=0.5, interval=2, k_max=1)
+        condition(bundle.model, loaders.train, ConditionConfig(steps=3, lr=1e-3, guard_examples=0), cfg, progress=False)
+        results.append({k: v.clone() for k, v in bundle.model.state_dict().items()})
+    for k in results[0]:
+        torch.testing.assert_close(results[0][k], results[1][k], rtol=0, atol=0)

@@ -88,7 +88,7 @@ def cmd_condition(args: argparse.Namespace) -> int:
     if not 0 < args.fraction < 1:
         raise ValueError(f"--fraction must be in (0, 1), got {args.fraction}")
     s2d_config = _s2d_config(args)
-    bundle, loaders = _load(args)          # a run's arm sets args.seed to its own
+    bundle, loaders = _load(args)          # a run's arm sets args.seed and args.data to its own
     cond = ConditionConfig(steps=args.steps, lr=args.lr, guard_examples=args.guard_examples, seed=args.seed)
     progress = not args.no_progress
     quant = QuantConfig(w_bits=bits.w, a_bits=bits.a)
@@ -118,6 +118,7 @@ def _load(args: argparse.Namespace) -> tuple[ModelBundle, Loaders]:
         cfg = from_dict(json.loads(fingerprint.read_text())["config"])
         data = cfg.data if args.data is None else dataclasses.replace(cfg.data, dataset=args.data)
         args.seed = int(json.loads((arm / "result.json").read_text())["seed"])
+        args.data = data.dataset
         bundle, loaders = load_task(cfg.model, data, batch_size=args.batch_size, eval_batch_size=args.batch_size,
                                     seed=args.seed)
         load_model(bundle.model, str(arm / "model.safetensors"))

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, SequentialSampler
 from tqdm.auto import tqdm
 
 from s2d.models import CausalLMClassifier, head_names
@@ -88,8 +89,16 @@ def teacher_logits(teacher: nn.Module, batches: list[dict]) -> list[Tensor]:
         return [distill_logits(teacher, b) for b in batches]
 
 
-def _unlabeled(loader: Iterable[dict], device: torch.device) -> Iterator[dict]:
-    """Endless stream of the loader's batches without their labels, on ``device``."""
+def _unlabeled(loader: Iterable[dict], device: torch.device, seed: int) -> Iterator[dict]:
+    """Endless stream of the loader's batches without their labels, on ``device``.
+
+    A shuffling DataLoader is re-created with a generator seeded from ``seed``, so the order does not
+    depend on how often the caller's loader was iterated before (a resumed run conditions as an
+    uninterrupted one).
+    """
+    if isinstance(loader, DataLoader) and not isinstance(loader.sampler, SequentialSampler):
+        loader = DataLoader(loader.dataset, batch_size=loader.batch_size, shuffle=True, collate_fn=loader.collate_fn,
+                            generator=torch.Generator().manual_seed(seed))
     while True:
         for batch in loader:
             yield to_device(batch, device, drop_labels=True)
@@ -120,7 +129,7 @@ def condition(model: nn.Module, loader: Iterable[dict], cfg: ConditionConfig, s2
         s2d_config = replace(s2d_config, include=AllBut(tuple(sorted(head_names(model)))))
     decay = SelectiveSpectralDecay(model, optimizer, s2d_config, guard=guard)
     result = ConditionResult(steps=cfg.steps, final_loss=float("nan"), s2d_config=jsonable(s2d_config))
-    stream = _unlabeled(loader, device)
+    stream = _unlabeled(loader, device, cfg.seed)
     for step in tqdm(range(cfg.steps), desc="condition", disable=not progress):
         inputs = next(stream)
         with torch.no_grad():

@@ -57,6 +57,7 @@ class TrainResult:
     probe_history: list[dict] = field(default_factory=list)  # rows {"step", "worst_layer", "worst_max_abs",
     #                                                           "max_abs": {name: value}, "val_accuracy" or None}
     s2d_stats: list[dict] | None = None                       # LayerStats dicts at the end (None without S2D)
+    s2d_guard: list[dict] | None = None                       # DecayGuard.history (None without a guard)
     s2d_config: dict | None = None                            # the S2DConfig used
     qat: dict | None = None                                   # the QuantConfig of QAT
     resumed_from: int = 0                                     # step of the checkpoint resumed from (0: none)
@@ -110,6 +111,7 @@ def finetune(bundle: ModelBundle, loaders: Loaders, train_cfg: TrainConfig, *, o
     _train(run, train_cfg, start, probe, result, out, callback, progress, optimizer)
     if run.decay is not None:
         result.s2d_stats = [jsonable(s) for s in run.decay.layer_stats()]
+        result.s2d_guard = list(run.decay.guard.history) if run.decay.guard is not None else None
         run.decay.remove()
     result.wall_s = result.wall_s + time.perf_counter() - t0
     bundle.model = run.raw
