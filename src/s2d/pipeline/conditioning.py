@@ -23,7 +23,7 @@ from s2d.models import ModelBundle
 from s2d.pipeline.config import scale_interval
 from s2d.pipeline.evidence import selected_max_abs
 from s2d.pipeline.experiment import load_task, ptq_cell
-from s2d.pipeline.inspection import cli_task
+from s2d.pipeline.inspection import cli_task, prompt_options
 from s2d.pipeline.parse import from_dict
 from s2d.pipeline.tables import format_condition_table
 from s2d.probes import spectral_table
@@ -125,10 +125,8 @@ def _load(args: argparse.Namespace) -> tuple[ModelBundle, Loaders]:
         return bundle, loaders
     if args.data is None:
         raise ValueError(f"--data is required: {args.model} is not the arm directory of an `s2d run`")
-    words = [w.strip() for w in args.label_words.split(",")] if args.label_words else None
     return cli_task(args.model, args.data, max_length=args.max_length, batch_size=args.batch_size,
-                    limit_train=args.limit_train, limit_eval=args.limit_eval, seed=args.seed,
-                    prompt=args.prompt.replace("\\n", "\n") if args.prompt else None, label_words=words)
+                    limit_train=args.limit_train, limit_eval=args.limit_eval, seed=args.seed, **prompt_options(args))
 
 
 def _measure(model: nn.Module, loaders: Loaders, probe: list[dict], quant: QuantConfig, method: str,

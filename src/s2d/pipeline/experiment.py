@@ -139,7 +139,8 @@ def train_arm(arm: ArmConfig, task: _Task) -> tuple[ArmResult, nn.Module]:
         logger.warning("%s: coupled S2D under Muon is orthogonalised together with the gradient; "
                        "update='decoupled' applies the penalty as specified", arm.name)
     train_dir = run.arm_dir(arm.name, seed) / "train"
-    guard = first_examples(loaders.val, cfg.guard_examples) if cfg.guard_examples else None
+    relative = arm.s2d_config is not None and arm.s2d_config.update == "relative"
+    guard = first_examples(loaders.val, cfg.guard_examples) if relative and cfg.guard_examples else None
     tres = finetune(arm_bundle, loaders, dataclasses.replace(cfg.train, seed=seed), optimizer=arm.optimizer,
                     s2d_config=arm.s2d_config, qat=qat, qat_calib=task.calib, out_dir=train_dir, progress=progress,
                     guard_batches=guard)

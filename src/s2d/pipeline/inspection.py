@@ -19,7 +19,7 @@ from s2d.quant import Bits, QuantConfig, available_methods
 from s2d.quant.sensitivity import first_examples, site_sensitivity
 from s2d.utils import jsonable, write_json, write_text
 
-__all__ = ["add_inspect", "cmd_inspect", "cli_task"]
+__all__ = ["add_inspect", "cmd_inspect", "cli_task", "prompt_options"]
 
 
 def add_inspect(sub: argparse._SubParsersAction) -> None:
@@ -72,6 +72,12 @@ def cli_task(model: str, data: str | None, *, max_length: int = 64, batch_size: 
                      batch_size=batch_size, eval_batch_size=batch_size, seed=seed)
 
 
+def prompt_options(args: argparse.Namespace) -> dict:
+    """``--prompt`` (a literal ``\\n`` becomes a newline) and ``--label-words W,W`` as :func:`cli_task` keywords."""
+    return {"prompt": args.prompt.replace("\\n", "\n") if args.prompt else None,
+            "label_words": [w.strip() for w in args.label_words.split(",")] if args.label_words else None}
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     if args.batches < 1:
         raise ValueError(f"--batches must be >= 1, got {args.batches}")
@@ -82,10 +88,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         if value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
     n_eval = args.batches * args.batch_size
-    words = [w.strip() for w in args.label_words.split(",")] if args.label_words else None
     bundle, loaders = cli_task(args.model, args.data, max_length=args.max_length, batch_size=args.batch_size,
                                limit_eval=max(n_eval, args.sensitivity_examples) if bits else n_eval,
-                               prompt=args.prompt.replace("\\n", "\n") if args.prompt else None, label_words=words)
+                               **prompt_options(args))
     batches = list(islice(iter(loaders.test), args.batches))
     progress = not args.no_progress
     table = [jsonable(r) for r in spectral_table(bundle.model, batches, k_max=args.k_max, tau=args.tau,

@@ -15,7 +15,8 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor
 
-from s2d.regularizer.sharding import add_low_rank_, is_distributed, low_rank_projections
+from s2d.regularizer.relative import relative_decay_
+from s2d.regularizer.sharding import is_distributed
 
 __all__ = ["DecayGuard"]
 
@@ -71,8 +72,7 @@ class DecayGuard:
     def _trial(self, weight: Tensor, u: Tensor, v: Tensor, f: float, device: torch.device) -> float:
         """The guard loss with one interval of decay (share ``f``) applied to ``weight``, then undone."""
         saved = weight.detach().clone()
-        s = low_rank_projections(weight, u, v)
-        add_low_rank_(weight, u * s.to(u.dtype), v, alpha=-f)
+        relative_decay_(weight, u, v, f)
         try:
             return self._mean(self.loss(), device)
         finally:
