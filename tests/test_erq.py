@@ -121,7 +121,7 @@ def test_erq_every_layer_beats_rtn_and_weights_are_on_grid(arch, monkeypatch):
     model, batches = make(), data()
     stats = []
     real = erq_mod.erq_linear
-    monkeypatch.setattr(erq_mod, "erq_linear", lambda lin, x, cfg: stats.append(real(lin, x, cfg)) or stats[-1])
+    monkeypatch.setattr(erq_mod, "erq_linear", lambda lin, x, cfg, **kw: stats.append(real(lin, x, cfg, **kw)) or stats[-1])
     quantize_model(model, QuantConfig(w_bits=4, a_bits=4), method="erq", calib=batches, progress=False)
     assert len(stats) == sum(isinstance(m, QuantLinear) for m in model.modules())
     for s in stats:  # the layer's output error on its own calibration data
@@ -148,7 +148,7 @@ def test_erq_is_deterministic_and_bounds_cached_tokens(monkeypatch):
     make, data = MODELS["bert"]
     seen = []
     real = erq_mod.erq_linear
-    monkeypatch.setattr(erq_mod, "erq_linear", lambda lin, x, cfg: seen.append(x.shape[0]) or real(lin, x, cfg))
+    monkeypatch.setattr(erq_mod, "erq_linear", lambda lin, x, cfg, **kw: seen.append(x.shape[0]) or real(lin, x, cfg, **kw))
     outs = []
     for _ in range(2):
         model = make()
@@ -178,14 +178,14 @@ def test_layer_falls_back_to_rtn_when_erq_is_worse(monkeypatch):
     aq.set_range(x.min().reshape(1), x.max().reshape(1))
     QuantLinear.from_linear(lin, aq, UniformQuantizer(4, True, "channel", axis=0))
     monkeypatch.setattr(erq_mod, "aqer", lambda w, b, xq, y, lam: (w * 3.0, b - 1.0))  # a bad "ridge" step
-    cfg = ERQConfig()
+    cfg = ERQConfig(rtn_fallback=True)  # s2d 0.1's safeguard, off by default (the official code has none)
     stats = erq_linear(lin, x, cfg)
     ref = torch.nn.Linear(24, 12)
     with torch.no_grad():
         ref.weight.copy_(w)
         ref.bias.copy_(b)
     QuantLinear.from_linear(ref, aq, UniformQuantizer(4, True, "channel", axis=0))
-    set_weight_range(ref, cfg.quantiles)
+    set_weight_range(ref, cfg.w_quantiles)
     w_rtn = ref.weight_quantizer(w)
     assert stats["kept_rtn"]
     torch.testing.assert_close(lin.weight.detach(), w_rtn, atol=1e-6, rtol=0)

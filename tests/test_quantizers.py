@@ -167,9 +167,10 @@ def test_twin_uniform_softmax_grid():
     s = float(q.threshold)
     assert math.log2(s) == int(math.log2(s))  # power of two
     x = torch.rand(2000)
-    fine, coarse = s / 8, 1 / 8
+    fine, coarse = s / 7, 1 / 7  # the official matmul.py: codes 0..7 in each range, top codes s and 1.0
     expected = torch.where(x < s, (torch.round(x / fine).clamp(0, 7) * fine), torch.round(x / coarse).clamp(0, 7) * coarse)
     torch.testing.assert_close(q(x), expected)
+    assert float(q(torch.ones(1))) == 1.0  # the top code reaches 1.0 (0.875 in s2d 0.1)
     assert len(torch.unique(q(x)[x < s])) <= 8 and len(torch.unique(q(x)[x >= s])) <= 8
 
 

@@ -85,8 +85,8 @@ class LogSqrt2Quantizer(SampledQuantizer):
 class TwinUniformQuantizer(SampledQuantizer):
     """Twin uniform quantizer (PTQ4ViT): two uniform ranges with 2^(b-1) levels each.
 
-    mode "softmax" (inputs in [0, 1]): a fine range [0, s) with step s / 2^(b-1) and a coarse range
-    [s, 1] with step 2^-(b-1), where the threshold s = 2^-k, k in 0..19, is chosen by MSE on the observed
+    mode "softmax" (inputs in [0, 1]): a fine range [0, s) with step s / (2^(b-1)-1) and a coarse range
+    [s, 1] with step 1 / (2^(b-1)-1) (the official code's steps: the top code is 1.0), where the threshold s = 2^-k, k in 0..19, is chosen by MSE on the observed
     values. mode "gelu": negatives with step |min(x)| / (2^(b-1)-1) (the observed minimum; PTQ4ViT uses
     GELU's fixed minimum, -0.17) and positives with step Δ+ = max(x)·c / (2^(b-1)-1), c searched over
     0.3..1.0 by MSE. Each range keeps 2^(b-1) codes (one sign bit). Gradient: straight-through inside the
@@ -107,9 +107,10 @@ class TwinUniformQuantizer(SampledQuantizer):
         self.register_buffer("neg_step", None)
 
     def _softmax_q(self, x: Tensor, s: Tensor) -> Tensor:
-        fine_step, coarse_step = s / self.levels, torch.tensor(1.0 / self.levels, dtype=x.dtype, device=x.device)
-        fine = torch.clamp(round_ste(x / fine_step), 0, self.levels - 1) * fine_step
-        coarse = torch.clamp(round_ste(x / coarse_step), 0, self.levels - 1) * coarse_step
+        top = self.levels - 1  # the official matmul.py's steps: the top codes are exactly s and 1.0
+        fine_step, coarse_step = s / top, torch.tensor(1.0 / top, dtype=x.dtype, device=x.device)
+        fine = torch.clamp(round_ste(x / fine_step), 0, top) * fine_step
+        coarse = torch.clamp(round_ste(x / coarse_step), 0, top) * coarse_step
         return torch.where(x.detach() < s, fine, coarse)
 
     def _gelu_q(self, x: Tensor, neg_step: Tensor, pos_step: Tensor) -> Tensor:

@@ -51,27 +51,32 @@ def grad_scale(x: Tensor, factor: float) -> Tensor:
     return (x - x * factor).detach() + x * factor
 
 
-def int_range(bits: int, symmetric: bool) -> tuple[int, int]:
-    """Integer code range: symmetric = [-(2^(b-1)-1), 2^(b-1)-1] (narrow, zero-centred); asymmetric = [0, 2^b-1]."""
+def int_range(bits: int, symmetric: bool, narrow: bool = True) -> tuple[int, int]:
+    """Integer code range: symmetric = [-(2^(b-1)-1), 2^(b-1)-1] (``narrow``, zero-centred) or the full
+    signed [-2^(b-1), 2^(b-1)-1] (``narrow=False``: [-8, 7] at 4 bits, PTQ4ViT's codes); asymmetric = [0, 2^b-1]."""
     if symmetric:
-        return -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1
+        return -(2 ** (bits - 1) - (1 if narrow else 0)), 2 ** (bits - 1) - 1
     return 0, 2**bits - 1
 
 
-def scale_zero_point(lo: Tensor, hi: Tensor, bits: int, symmetric: bool) -> tuple[Tensor, Tensor]:
+def scale_zero_point(lo: Tensor, hi: Tensor, bits: int, symmetric: bool,
+                     include_zero: bool = True) -> tuple[Tensor, Tensor]:
     """Scale and integer zero point for the range [lo, hi] (elementwise over channels).
 
-    Zero is always representable: the range is widened to include 0. Symmetric: scale = max(|lo|, |hi|) /
-    (2^(b-1)-1), zero point 0. Asymmetric: scale = (hi - lo) / (2^b - 1), zero point = round(-lo / scale).
+    Symmetric: scale = max(|lo|, |hi|) / (2^(b-1)-1), zero point 0. Asymmetric: scale = (hi - lo) / (2^b - 1),
+    zero point = round(-lo / scale). With ``include_zero`` (the default) the range is first widened to
+    include 0, so 0 is a code; without it (RepQ-ViT's and ERQ's code) an all-positive channel [3, 8] keeps
+    its own range and its zero point falls outside [0, 2^b-1] (it is not clamped).
     """
     qmin, qmax = int_range(bits, symmetric)
-    lo, hi = torch.minimum(lo, torch.zeros_like(lo)), torch.maximum(hi, torch.zeros_like(hi))
+    if include_zero or symmetric:
+        lo, hi = torch.minimum(lo, torch.zeros_like(lo)), torch.maximum(hi, torch.zeros_like(hi))
     if symmetric:
         scale = torch.maximum(-lo, hi) / qmax
         return scale.clamp_min(EPS), torch.zeros_like(scale)
     scale = ((hi - lo) / (qmax - qmin)).clamp_min(EPS)
-    zero_point = torch.clamp(torch.round(-lo / scale), qmin, qmax)
-    return scale, zero_point
+    zero_point = torch.round(-lo / scale)
+    return scale, (torch.clamp(zero_point, qmin, qmax) if include_zero else zero_point)
 
 
 def fake_quant(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> Tensor:
@@ -119,18 +124,19 @@ def kth(rows: Tensor, q: float) -> Tensor:
 
 
 def best_clipping(rows: Tensor, candidates: list[tuple[Tensor, Tensor]], bits: int,
-                  symmetric: bool) -> tuple[Tensor, Tensor]:
+                  symmetric: bool, include_zero: bool = True) -> tuple[Tensor, Tensor]:
     """Per-row MSE clipping search: of the candidate ranges, the one whose fake quantization of each row
     has the lowest mean squared error.
 
     rows: (R, M) values (one independent range per row); candidates: non-empty list of (lo (R,), hi (R,))
     in priority order. Per row, the first candidate wins ties: a later one replaces the best only with a
-    strictly smaller error (so a NaN error never wins). Returns the chosen (lo, hi), each (R,).
+    strictly smaller error (so a NaN error never wins). ``include_zero``: as :func:`scale_zero_point`.
+    Returns the chosen (lo, hi), each (R,).
     """
     qmin, qmax = int_range(bits, symmetric)
     best: tuple[Tensor, Tensor, Tensor] | None = None
     for c_lo, c_hi in candidates:
-        s, z = scale_zero_point(c_lo, c_hi, bits, symmetric)
+        s, z = scale_zero_point(c_lo, c_hi, bits, symmetric, include_zero)
         err = (fake_quant(rows, s[:, None], z[:, None], qmin, qmax) - rows).pow(2).mean(1)
         if best is None:
             best = (c_lo, c_hi, err)

@@ -154,13 +154,16 @@ class UniformQuantizer(Quantizer):
             (build the optimizer after calibration).
         dynamic: recompute the range from every input instead of using calibrated statistics (weights
             during QAT, per-token activations). Always True for granularity "token".
+        include_zero: widen every range to include 0 (asymmetric only; False: RepQ-ViT's and ERQ's
+            unconstrained ranges, see :func:`s2d.quant.primitives.scale_zero_point`).
+        narrow: symmetric codes [-(2^(b-1)-1), 2^(b-1)-1] (False: the full [-2^(b-1), 2^(b-1)-1], PTQ4ViT's).
     """
 
     kind = "uniform"
 
     def __init__(self, bits: int = 8, symmetric: bool = False, granularity: str = "tensor", axis: int = 0,
                  range_method: str = "minmax", percentile: float = 0.9999, learnable: bool = False,
-                 dynamic: bool = False) -> None:
+                 dynamic: bool = False, include_zero: bool = True, narrow: bool = True) -> None:
         super().__init__(bits)
         name = type(self).__name__
         if granularity not in GRANULARITIES:
@@ -178,7 +181,9 @@ class UniformQuantizer(Quantizer):
         self.percentile = percentile
         self.learnable = learnable
         self.dynamic = dynamic or granularity == "token"
-        self.qmin, self.qmax = int_range(bits, symmetric)
+        self.include_zero = include_zero
+        self.narrow = narrow
+        self.qmin, self.qmax = int_range(bits, symmetric, narrow)
         self.register_buffer("scale", None)
         self.register_buffer("zero_point", None)
         self.register_buffer("lo", None)  # calibrated clipping range, per row
@@ -216,7 +221,7 @@ class UniformQuantizer(Quantizer):
             return kth(rows, 1.0 - self.percentile), kth(rows, self.percentile)
         cands = [(run_lo * a, run_hi * a) for a in SHRINK_FACTORS]
         cands += [(kth(rows, 1.0 - p), kth(rows, p)) for p in MSE_PERCENTILES]
-        return best_clipping(rows, cands, self.bits, self.symmetric)
+        return best_clipping(rows, cands, self.bits, self.symmetric, self.include_zero)
 
     def observe(self, x: Tensor) -> None:
         rows = self._rows(x.float())
@@ -245,7 +250,7 @@ class UniformQuantizer(Quantizer):
         """Set the clipping range directly (per row: shape (rows,) or scalar) and derive scale / zero point."""
         lo = torch.as_tensor(lo, dtype=torch.float32).reshape(-1)
         hi = torch.as_tensor(hi, dtype=torch.float32).reshape(-1)
-        scale, zp = scale_zero_point(lo, hi, self.bits, self.symmetric)
+        scale, zp = scale_zero_point(lo, hi, self.bits, self.symmetric, self.include_zero)
         self.lo, self.hi, self.zero_point = lo, hi, zp
         if self.learnable:
             self.scale = nn.Parameter(scale)  # replaces the buffer (nn.Module.__setattr__)
@@ -264,13 +269,14 @@ class UniformQuantizer(Quantizer):
             lo, hi = rows.min(1).values, rows.max(1).values
             if self.range_method != "minmax":
                 lo, hi = self._range_from_rows(rows.float(), lo, hi)
-            scale, zp = scale_zero_point(lo, hi, self.bits, self.symmetric)
+            scale, zp = scale_zero_point(lo, hi, self.bits, self.symmetric, self.include_zero)
         else:
             scale, zp = self.scale, self.zero_point
             if not self.learnable and x.dtype == torch.float32:
                 if not (x.requires_grad and torch.is_grad_enabled()):
                     return self._fast(x)
-                return self._fused(x)
+                if self.include_zero:  # torch's fused kernels need the zero point inside the codes
+                    return self._fused(x)
             if self.learnable:
                 per_scale = x.numel() / scale.numel()  # elements sharing one scale
                 scale = grad_scale(scale.abs().clamp_min(EPS), 1.0 / math.sqrt(per_scale * self.qmax))
@@ -346,5 +352,5 @@ class UniformQuantizer(Quantizer):
         elif self._run_lo is not None:
             rng = [float(self._run_lo.min()), float(self._run_hi.max())]
         return {"kind": self.kind, "bits": self.bits, "granularity": self.granularity,
-                "symmetric": self.symmetric, "range_method": self.range_method,
+                "symmetric": self.symmetric, "codes": [self.qmin, self.qmax], "range_method": self.range_method,
                 "dynamic": self.dynamic, "learnable": self.learnable, "range": rng}

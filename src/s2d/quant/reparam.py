@@ -54,17 +54,21 @@ class ChannelAffine:
     hi: float      # per-tensor range of x', high end
 
 
-def channel_affine_from_ranges(lo: Tensor, hi: Tensor, bits: int, eps: float = 1e-8) -> ChannelAffine:
+def channel_affine_from_ranges(lo: Tensor, hi: Tensor, bits: int, eps: float = 1e-8,
+                               include_zero: bool = True) -> ChannelAffine:
     """Reparameterisation of per-channel asymmetric ranges [lo_c, hi_c] (C,) at ``bits`` bits.
 
     Δ_c = (hi_c − lo_c) / (2^bits − 1), z_c = −lo_c / Δ_c (unrounded); returns r, s and the per-tensor
     range [−z̄Δ̄, (2^bits − 1 − z̄)Δ̄] every transformed channel x'_c then shares exactly.
+    ``include_zero``: first widen each [lo_c, hi_c] to include 0 (False: RepQ-ViT's code, where a
+    channel in [3, 8] keeps Δ_c = 5 / (2^bits − 1); the per-tensor range must then not be widened either).
     """
     if lo.shape != hi.shape or lo.dim() != 1:
         raise ValueError(f"lo/hi must be 1-D tensors of the same shape, got {tuple(lo.shape)} and {tuple(hi.shape)}")
     check_bits("channel_affine_from_ranges.bits", bits)
-    lo = torch.minimum(lo.double(), torch.zeros_like(lo, dtype=torch.float64))
-    hi = torch.maximum(hi.double(), torch.zeros_like(hi, dtype=torch.float64))
+    lo, hi = lo.double(), hi.double()
+    if include_zero:
+        lo, hi = torch.minimum(lo, torch.zeros_like(lo)), torch.maximum(hi, torch.zeros_like(hi))
     levels = 2**bits - 1
     delta = ((hi - lo) / levels).clamp_min(eps)
     zero = -lo / delta

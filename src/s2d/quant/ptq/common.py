@@ -210,12 +210,13 @@ def capture_inputs(model: nn.Module, modules: dict[str, nn.Module], batches: lis
 
 def quantile_mse_range(rows: Tensor, bits: int, symmetric: bool,
                        quantiles: tuple[float, ...] = (1.0, 0.99999, 0.9999, 0.999),
-                       max_values: int = 1 << 18) -> tuple[Tensor, Tensor]:
+                       max_values: int = 1 << 18, include_zero: bool = True) -> tuple[Tensor, Tensor]:
     """Per-row clipping range [lo, hi] (R,) for ``rows`` (R, M): among the candidate pairs
     (quantile(1−p), quantile(p)) for p in ``quantiles`` (symmetric: ±quantile(p) of |x|), the one whose
     fake-quantized rows have the lowest mean squared error (:func:`best_clipping`; earlier candidates
     win ties). p = 1.0 is min-max. Quantiles are estimated on at most ``max_values`` values per row
-    (a deterministic strided subset); the errors use every value."""
+    (a deterministic strided subset); the errors use every value. ``include_zero``: as
+    :func:`s2d.quant.primitives.scale_zero_point`."""
     rows = rows.float()
     keep = max(min(max_values, (1 << 24) // rows.shape[0]), 1)  # torch.quantile's input-size limit
     rows_q = rows[:, torch.linspace(0, rows.shape[1] - 1, keep).long()] if rows.shape[1] > keep else rows
@@ -234,4 +235,4 @@ def quantile_mse_range(rows: Tensor, bits: int, symmetric: bool,
         else:
             i = ps.index(p)
             cands.append((-table[i], table[i]) if symmetric else (table[i], table[len(ps) + i]))
-    return best_clipping(rows, cands, bits, symmetric)
+    return best_clipping(rows, cands, bits, symmetric, include_zero)

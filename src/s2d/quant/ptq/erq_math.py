@@ -115,22 +115,31 @@ def wqer(
     max_flips: int = 100,
     row_group: int = 500,
     refine: bool = True,
-) -> Tensor:
+    bias: Tensor | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Wqer: quantize columns half by half with rounding refinement and ridge compensation.
 
     weight: (m, n) (after Aqer); x_q: (N, n) quantized layer inputs; grid: the calibrated weight grid.
-    Each round takes the first half (ceil) of the still-float columns (index order), rounds them
-    (refined when ``refine``), and adds δ2 = −(X̃₂ᵀX̃₂ + λI)⁻¹ X̃₂ᵀ X̃₁ δ1ᵀ to the remaining float columns.
-    Returns the final weight, every entry on ``grid`` (m, n).
+    Each round takes the first half of the still-float columns (index order), rounds them (refined when
+    ``refine``), and adds δ2 = −(X̃₂ᵀX̃₂ + λI)⁻¹ X̃₂ᵀ X̃₁ δ1ᵀ to the remaining float columns.
+    With ``bias`` (m,) the bias is one more float column (input 1) that is never quantized and always
+    among the compensated ones, as in the official code: each round then quantizes ⌊(k + 1)/2⌋ of the k
+    remaining weight columns. Returns the final weight, every entry on ``grid`` (m, n), and with a bias
+    the pair (weight, compensated bias (m,)).
     """
+    n = weight.shape[1]
     w = weight.double().clone()
     x64 = x_q.double()
-    gram = x64.T @ x64  # (n, n) = N · E[x̃ x̃ᵀ]
+    if bias is not None:
+        w = torch.cat([w, bias.detach().double()[:, None]], 1)
+        x64 = torch.cat([x64, torch.ones(x64.shape[0], 1, dtype=torch.float64, device=x64.device)], 1)
+    gram = x64.T @ x64  # (n[+1], n[+1]) = N · E[x̃ x̃ᵀ]
     n_tok = x64.shape[0]
-    remaining = torch.arange(w.shape[1], device=w.device)
+    extra = torch.arange(n, w.shape[1], device=w.device)  # the bias column, if any
+    remaining = torch.arange(n, device=w.device)
     while remaining.numel() > 0:
-        k = (remaining.numel() + 1) // 2
-        s1, s2 = remaining[:k], remaining[k:]
+        k = (remaining.numel() + extra.numel() + (0 if extra.numel() else 1)) // 2
+        s1, s2 = remaining[:k], torch.cat([remaining[k:], extra])
         w1 = w[:, s1]
         if refine:
             q1 = refine_rounding(w1, grid, gram[s1][:, s1] / n_tok, max_flips, row_group).double()
@@ -141,5 +150,7 @@ def wqer(
         if s2.numel() > 0:
             comp = -ridge_solve_gram(gram[s2][:, s2], gram[s2][:, s1] @ delta1.T, lam)  # (|s2|, m)
             w[:, s2] += comp.T
-        remaining = s2
-    return w.to(weight.dtype)
+        remaining = remaining[k:]
+    if bias is None:
+        return w.to(weight.dtype)
+    return w[:, :n].to(weight.dtype), w[:, n].to(bias.dtype)

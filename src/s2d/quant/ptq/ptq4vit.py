@@ -1,8 +1,8 @@
 """PTQ4ViT post-training quantization (Yuan et al., ECCV 2022), in this project's own code.
 
-Quantizers (all symmetric, as the paper):
+Quantizers (all symmetric with the full signed codes [−2^(b−1), 2^(b−1)−1], as the official code):
 - Linear inputs and weights: uniform, one scale per tensor; a fused qkv weight gets one scale per
-  q / k / v block (rows split in thirds);
+  q / k / v block (rows split in thirds), separate q, k, v Linears one scale each;
 - post-GELU activations (fc2 inputs): twin uniform, "gelu" mode (negatives with a fixed small step,
   positives with a searched step);
 - attention matmul inputs q, k, v: uniform with one scale per head (``per_head``, else per tensor);
@@ -116,8 +116,11 @@ def _set_param(q: Quantizer, p: Tensor) -> None:
         _set_sym(q, p)
 
 
-def _weight_groups(lin: QuantLinear, role: str) -> int:
-    return 3 if role == "qkv" and lin.out_features % 3 == 0 else 1
+def _weight_groups(lin: QuantLinear, group: LinearGroup) -> int:
+    """Weight scales of a Linear: 3 (one per q / k / v row block) for a fused qkv Linear, else 1. Separate
+    q, k, v Linears (Hugging Face) get one scale each, as the official code's fused qkv does per block."""
+    fused = group.role == "qkv" and len(group.names) == 1
+    return 3 if fused and lin.out_features % 3 == 0 else 1
 
 
 def _install_quantizers(model: nn.Module, spec: QuantConfig, groups: list[LinearGroup], cfg: PTQ4ViTConfig) -> None:
@@ -128,16 +131,16 @@ def _install_quantizers(model: nn.Module, spec: QuantConfig, groups: list[Linear
             lin = mods[n]
             if not isinstance(lin, QuantLinear):
                 continue
-            gran = "channel" if _weight_groups(lin, g.role) == 3 else "tensor"
-            lin.weight_quantizer = UniformQuantizer(spec.w_bits, True, gran, axis=0)
+            gran = "channel" if _weight_groups(lin, g) == 3 else "tensor"
+            lin.weight_quantizer = UniformQuantizer(spec.w_bits, True, gran, axis=0, narrow=False)
             lin.input_quantizer = (TwinUniformQuantizer(spec.a_bits, "gelu") if n in fc2 and cfg.twin_gelu
-                                   else UniformQuantizer(spec.a_bits, True, "tensor"))
+                                   else UniformQuantizer(spec.a_bits, True, "tensor", narrow=False))
     for m in model.modules():
         aq = getattr(m, "s2d_attn_quant", None)
         if aq is not None:
             gran = "channel" if cfg.per_head else "tensor"
             for part in ("q", "k", "v"):
-                setattr(aq, part, UniformQuantizer(spec.a_bits, True, gran, axis=1))
+                setattr(aq, part, UniformQuantizer(spec.a_bits, True, gran, axis=1, narrow=False))
             aq.probs = (TwinUniformQuantizer(spec.a_bits, "softmax") if cfg.twin_softmax
                         else UniformQuantizer(spec.a_bits, False, "tensor"))
 
@@ -153,7 +156,7 @@ def _init_scales(model: nn.Module, groups: list[LinearGroup]) -> None:
     for g in groups:
         for n in g.names:
             lin = mods[n]
-            if isinstance(lin, QuantLinear) and _weight_groups(lin, g.role) == 3:
+            if isinstance(lin, QuantLinear) and _weight_groups(lin, g) == 3:
                 w = lin.weight.detach().reshape(3, -1)
                 s = (w.abs().amax(1) / (lin.weight_quantizer.qmax + 0.5)).repeat_interleave(lin.out_features // 3)
                 _set_sym(lin.weight_quantizer, s)
@@ -166,7 +169,7 @@ def _act_fq(q: Quantizer, x: Tensor, p: Tensor) -> Tensor:
     p = p.reshape(-1, 1, 1).to(x)
     if isinstance(q, TwinUniformQuantizer):
         return twin_gelu_fq(x[None], q.neg_step.to(x), p, q.levels)
-    return sym_fq(x[None], p, q.qmax)
+    return sym_fq(x[None], p, q.qmax, q.qmin)
 
 
 @torch.no_grad()
@@ -190,7 +193,7 @@ def _search_linear(lin: QuantLinear, n_groups: int, x: Tensor, g: Tensor | None,
         return d.pow(2).mean(1)
 
     def w_obj(cands: Tensor) -> Tensor:  # (K, G) -> (K, G)
-        qw = sym_fq(wg[None], cands[:, :, None, None], wq.qmax).reshape(cands.shape[0], m, -1)
+        qw = sym_fq(wg[None], cands[:, :, None, None], wq.qmax, wq.qmin).reshape(cands.shape[0], m, -1)
         return dist(xq @ qw.transpose(1, 2) + b).reshape(-1, n_groups, per).mean(2)
 
     def a_obj(cands: Tensor) -> Tensor:  # (K, 1) -> (K, 1)
@@ -203,7 +206,7 @@ def _search_linear(lin: QuantLinear, n_groups: int, x: Tensor, g: Tensor | None,
     for _ in range(cfg.rounds):
         xq = _act_fq(aq, x, a_cur)[0]
         w_cur, w_val = search_scale(w_obj, w_init, w_cur, cfg.factors(), chunk)
-        qw_best = sym_fq(wg, w_cur[:, None, None], wq.qmax).reshape(m, -1)
+        qw_best = sym_fq(wg, w_cur[:, None, None], wq.qmax, wq.qmin).reshape(m, -1)
         if first is None:
             first = float(w_obj(w_init[None]).mean())
         a_cur, a_val = search_scale(a_obj, a_init, a_cur, cfg.factors(), chunk)
@@ -236,7 +239,7 @@ def _search_attn_quantizer(q: Quantizer, x: Tensor, g: Tensor | None, cfg: PTQ4V
     gh = None if g is None else (g.transpose(0, 1).reshape(g.shape[1], -1) if per_head else g.reshape(1, -1))
 
     def obj(c: Tensor) -> Tensor:  # (K, H) -> (K, H)
-        d = xh[None] - sym_fq(xh[None], c[:, :, None], q.qmax)
+        d = xh[None] - sym_fq(xh[None], c[:, :, None], q.qmax, q.qmin)
         d = d if gh is None else d * gh[None]
         return d.pow(2).mean(2)
 
@@ -315,11 +318,11 @@ def _search_block(model: nn.Module, groups: list[LinearGroup], infos: list[Block
     if not lin and not attn:
         return
     xs_lin, xs_attn, grads = _record_block(model, lin, attn, batches, logits_fp)
-    roles = {n: g.role for g in groups if g.block == block for n in g.names}
+    group_of = {n: g for g in groups if g.block == block for n in g.names}
     for n, mod in lin.items():
         x, g = xs_lin.cat(n), torch.cat(grads[n])
         idx = subsample(torch.arange(x.shape[0]), cfg.max_tokens, gen)
-        stats = _search_linear(mod, _weight_groups(mod, roles[n]), x[idx], g[idx] if cfg.hessian else None, cfg)
+        stats = _search_linear(mod, _weight_groups(mod, group_of[n]), x[idx], g[idx] if cfg.hessian else None, cfg)
         logger.debug("ptq4vit %s: distance %.3g -> %.3g", n, stats["initial"], stats["final"])
     for n, q in attn.items():
         x, g = torch.cat(xs_attn[n]), torch.cat(grads[n])

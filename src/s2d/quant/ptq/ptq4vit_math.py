@@ -34,9 +34,10 @@ def chunk_size(numel: int, budget: int = 1 << 24) -> int:
 # ----------------------------------------------------------------------------- batched fake quant
 # The search evaluates many candidate steps at once: x broadcasts against a (K, ...) stack of steps.
 
-def sym_fq(x: Tensor, step: Tensor, qmax: int) -> Tensor:
-    """Symmetric uniform fake quant: clamp(round(x/Δ), −qmax, qmax)·Δ; step broadcasts against x."""
-    return torch.clamp(torch.round(x / step), -qmax, qmax) * step
+def sym_fq(x: Tensor, step: Tensor, qmax: int, qmin: int | None = None) -> Tensor:
+    """Symmetric uniform fake quant: clamp(round(x/Δ), qmin, qmax)·Δ (qmin default −qmax); step
+    broadcasts against x."""
+    return torch.clamp(torch.round(x / step), -qmax if qmin is None else qmin, qmax) * step
 
 
 def twin_gelu_fq(x: Tensor, neg_step: Tensor, pos_step: Tensor, levels: int) -> Tensor:
@@ -47,8 +48,10 @@ def twin_gelu_fq(x: Tensor, neg_step: Tensor, pos_step: Tensor, levels: int) -> 
 
 
 def twin_softmax_fq(x: Tensor, threshold: Tensor, levels: int) -> Tensor:
-    """Twin uniform, softmax mode: [0, s) with step s/2^(b−1), [s, 1] with step 2^−(b−1)."""
-    fine_step = threshold / levels
-    fine = torch.clamp(torch.round(x / fine_step), 0, levels - 1) * fine_step
-    coarse = torch.clamp(torch.round(x * levels), 0, levels - 1) / levels
+    """Twin uniform, softmax mode, as the official ``matmul.py``: [0, s] with step s/(2^(b−1)−1) and
+    [s, 1] with step 1/(2^(b−1)−1), 2^(b−1) codes each, so the top code is exactly s and 1.0."""
+    top = levels - 1
+    fine_step = threshold / top
+    fine = torch.clamp(torch.round(x / fine_step), 0, top) * fine_step
+    coarse = torch.clamp(torch.round(x * top), 0, top) / top
     return torch.where(x < threshold, fine, coarse)

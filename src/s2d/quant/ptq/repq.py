@@ -5,7 +5,7 @@ current one are already quantized when its activations are recorded):
 
 1. Record the inputs of the block's Linears and attention matmuls on the calibration samples.
 2. Post-LayerNorm activations (inputs of q/k/v and of fc1): per-channel asymmetric ranges, each the
-   quantile/MSE choice among (min, max) and the (1−p, p) quantiles for p ∈ {0.99999, 0.9999, 0.999};
+   quantile/MSE choice among the (1−p, p) quantiles for p ∈ {0.999, 0.9999, 0.99999};
    then the scale reparameterisation (``s2d.quant.reparam``) turns them into one per-tensor quantizer:
    folded into the LayerNorm affine and the consuming Linears for pre-LN ViTs; for post-LN encoders
    (BERT, MPNet) the norm also feeds the residual stream, so the per-channel affine stays as an
@@ -14,9 +14,10 @@ current one are already quantized when its activations are recorded):
 3. Other Linear inputs (out-proj, fc2, head) and q, k, v: per-tensor asymmetric uniform with the same
    quantile/MSE search (RepQ-ViT activations are asymmetric whatever ``spec.a_symmetric`` says).
    Post-softmax probabilities: log-√2 quantizer (Δ by MSE).
-4. Weights (after reparameterisation): uniform per output channel with the quantile/MSE search, with
-   the QuantConfig's symmetry (RepQ-ViT's code uses asymmetric weights; pass
-   ``QuantConfig(w_symmetric=False)`` for that).
+4. Weights (after reparameterisation): uniform asymmetric per output channel with the quantile/MSE
+   search, as the official code (``RepQConfig(w_symmetric=True)``: symmetric narrow codes).
+Ranges are not widened to include 0 (the official ``init_quantization_scale``; ``include_zero=True``
+restores s2d 0.1's widening), and the candidates are the official p ∈ {0.999, 0.9999, 0.99999}.
 
 The reparameterisation is exact for the float model, so no extra calibration pass is needed after it
 (the per-tensor range is the one implied by the per-channel ranges). No reconstruction.
@@ -52,8 +53,12 @@ __all__ = ["RepQConfig", "repq", "repq_calibrate", "input_quantizer", "set_weigh
 class RepQConfig:
     """RepQ-ViT hyperparameters (paper / public-code defaults)."""
 
-    quantiles: tuple[float, ...] = (1.0, 0.99999, 0.9999, 0.999)  # clipping candidates p in (0.5, 1], 1.0 = min-max
+    quantiles: tuple[float, ...] = (0.999, 0.9999, 0.99999)  # clipping candidates p in (0.5, 1], 1.0 = min-max
+    #                                 (the official code's grid and order: the first wins ties)
     reparam: bool = True            # per-channel -> per-tensor reparameterisation of post-LN inputs (False: ablation)
+    w_symmetric: bool = False       # weights: the official code's asymmetric per-channel [0, 2^b-1] with a zero point
+    #                                 (True: symmetric narrow codes, s2d's default before 0.2)
+    include_zero: bool = False      # ranges widened to include 0 (False: the official unconstrained [q(1-p), q(p)])
     num_samples: int = 32           # calibration samples used (the first ones of calib), >= 1
     max_tokens: int | None = 16384  # token rows kept per recorded activation (random subset), None or >= 16
     seed: int = 0                   # seed of that subsampling
@@ -74,17 +79,20 @@ def input_quantizer(lin: QuantLinear) -> Quantizer:
     return iq.quantizer if isinstance(iq, ChannelAffineInput) else iq
 
 
-def _install_quantizers(model: nn.Module, spec: QuantConfig) -> None:
-    """RepQ-ViT quantizers (activations always asymmetric), all disabled until their block is calibrated."""
+def _install_quantizers(model: nn.Module, spec: QuantConfig, cfg: RepQConfig) -> None:
+    """RepQ-ViT quantizers (activations always asymmetric, weights by ``cfg.w_symmetric``), all disabled
+    until their block is calibrated."""
+    zero = cfg.include_zero
     for m in model.modules():
         if isinstance(m, QuantLinear):
-            m.input_quantizer = UniformQuantizer(spec.a_bits, False, "tensor")
-            m.weight_quantizer = UniformQuantizer(spec.w_bits, spec.w_symmetric, spec.w_granularity, axis=0)
+            m.input_quantizer = UniformQuantizer(spec.a_bits, False, "tensor", include_zero=zero)
+            m.weight_quantizer = UniformQuantizer(spec.w_bits, cfg.w_symmetric, spec.w_granularity, axis=0,
+                                                  include_zero=zero)
             m.input_quantizer.enabled = m.weight_quantizer.enabled = False
         aq = getattr(m, "s2d_attn_quant", None)
         if aq is not None:
             for part in ("q", "k", "v"):
-                setattr(aq, part, UniformQuantizer(spec.a_bits, False, "tensor"))
+                setattr(aq, part, UniformQuantizer(spec.a_bits, False, "tensor", include_zero=zero))
             aq.probs = LogSqrt2Quantizer(spec.a_bits)
             for q in (aq.q, aq.k, aq.v, aq.probs):
                 q.enabled = False
@@ -95,13 +103,13 @@ def set_weight_range(lin: QuantLinear, quantiles: tuple[float, ...]) -> None:
     wq = lin.weight_quantizer
     w = lin.weight.detach().float()
     rows = w if wq.granularity == "channel" else w.reshape(1, -1)
-    lo, hi = quantile_mse_range(rows, wq.bits, wq.symmetric, quantiles)
+    lo, hi = quantile_mse_range(rows, wq.bits, wq.symmetric, quantiles, include_zero=wq.include_zero)
     wq.set_range(lo, hi)
     wq.enabled = True
 
 
 def _set_tensor_range(q: UniformQuantizer, x: Tensor, quantiles: tuple[float, ...]) -> None:
-    lo, hi = quantile_mse_range(x.reshape(1, -1), q.bits, q.symmetric, quantiles)
+    lo, hi = quantile_mse_range(x.reshape(1, -1), q.bits, q.symmetric, quantiles, include_zero=q.include_zero)
     q.set_range(lo, hi)
     q.enabled = True
 
@@ -110,8 +118,8 @@ def _reparam_group(model: nn.Module, lins: list[QuantLinear], x: Tensor, norm_na
                    post_ln: bool, cfg: RepQConfig) -> str:
     """Per-channel ranges of the shared input x (N, C) -> per-tensor quantizer via reparameterisation."""
     q0 = input_quantizer(lins[0])
-    lo, hi = quantile_mse_range(x.T.contiguous(), q0.bits, False, cfg.quantiles)
-    aff = channel_affine_from_ranges(lo, hi, q0.bits)
+    lo, hi = quantile_mse_range(x.T.contiguous(), q0.bits, False, cfg.quantiles, include_zero=cfg.include_zero)
+    aff = channel_affine_from_ranges(lo, hi, q0.bits, include_zero=cfg.include_zero)
     norm = model.get_submodule(norm_name) if norm_name else None
     foldable = (not post_ln and isinstance(norm, nn.LayerNorm) and norm.weight is not None
                 and norm.bias is not None)
@@ -178,7 +186,7 @@ def repq_calibrate(model: nn.Module, spec: QuantConfig, calib: Iterable[dict] | 
     device = next(model.parameters()).device
     batches = [to_device(b, device) for b in take_samples(calib, config.num_samples)]
     gen = torch.Generator().manual_seed(config.seed)
-    _install_quantizers(model, spec)
+    _install_quantizers(model, spec, config)
     steps = list(range(len(infos))) + [None]
     with eval_mode(model), torch.no_grad():
         for block in tqdm(steps, desc="repq blocks", disable=not progress, leave=False):
