@@ -124,16 +124,16 @@ def kth(rows: Tensor, q: float) -> Tensor:
 
 
 def best_clipping(rows: Tensor, candidates: list[tuple[Tensor, Tensor]], bits: int,
-                  symmetric: bool, include_zero: bool = True) -> tuple[Tensor, Tensor]:
+                  symmetric: bool, include_zero: bool = True, narrow: bool = True) -> tuple[Tensor, Tensor]:
     """Per-row MSE clipping search: of the candidate ranges, the one whose fake quantization of each row
     has the lowest mean squared error.
 
     rows: (R, M) values (one independent range per row); candidates: non-empty list of (lo (R,), hi (R,))
     in priority order. Per row, the first candidate wins ties: a later one replaces the best only with a
-    strictly smaller error (so a NaN error never wins). ``include_zero``: as :func:`scale_zero_point`.
-    Returns the chosen (lo, hi), each (R,).
+    strictly smaller error (so a NaN error never wins). ``include_zero``: as :func:`scale_zero_point`;
+    ``narrow``: the codes, as :func:`int_range`. Returns the chosen (lo, hi), each (R,).
     """
-    qmin, qmax = int_range(bits, symmetric)
+    qmin, qmax = int_range(bits, symmetric, narrow)
     best: tuple[Tensor, Tensor, Tensor] | None = None
     for c_lo, c_hi in candidates:
         s, z = scale_zero_point(c_lo, c_hi, bits, symmetric, include_zero)

@@ -221,7 +221,7 @@ class UniformQuantizer(Quantizer):
             return kth(rows, 1.0 - self.percentile), kth(rows, self.percentile)
         cands = [(run_lo * a, run_hi * a) for a in SHRINK_FACTORS]
         cands += [(kth(rows, 1.0 - p), kth(rows, p)) for p in MSE_PERCENTILES]
-        return best_clipping(rows, cands, self.bits, self.symmetric, self.include_zero)
+        return best_clipping(rows, cands, self.bits, self.symmetric, self.include_zero, self.narrow)
 
     def observe(self, x: Tensor) -> None:
         rows = self._rows(x.float())

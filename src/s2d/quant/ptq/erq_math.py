@@ -138,7 +138,7 @@ def wqer(
     extra = torch.arange(n, w.shape[1], device=w.device)  # the bias column, if any
     remaining = torch.arange(n, device=w.device)
     while remaining.numel() > 0:
-        k = (remaining.numel() + extra.numel() + (0 if extra.numel() else 1)) // 2
+        k = (remaining.numel() + 1) // 2  # ceil(r/2) of r columns; with the bias floor((r+1)/2), the same number
         s1, s2 = remaining[:k], torch.cat([remaining[k:], extra])
         w1 = w[:, s1]
         if refine:

@@ -57,7 +57,7 @@ class RepQConfig:
     #                                 (the official code's grid and order: the first wins ties)
     reparam: bool = True            # per-channel -> per-tensor reparameterisation of post-LN inputs (False: ablation)
     w_symmetric: bool = False       # weights: the official code's asymmetric per-channel [0, 2^b-1] with a zero point
-    #                                 (True: symmetric narrow codes, s2d's default before 0.2)
+    #                                 (True: symmetric narrow codes, s2d 0.1's default)
     include_zero: bool = False      # ranges widened to include 0 (False: the official unconstrained [q(1-p), q(p)])
     num_samples: int = 32           # calibration samples used (the first ones of calib), >= 1
     max_tokens: int | None = 16384  # token rows kept per recorded activation (random subset), None or >= 16
