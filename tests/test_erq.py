@@ -120,8 +120,8 @@ def test_erq_every_layer_beats_rtn_and_weights_are_on_grid(arch, monkeypatch):
     make, data = MODELS[arch]
     model, batches = make(), data()
     stats = []
-    real = erq_mod.erq_linear
-    monkeypatch.setattr(erq_mod, "erq_linear", lambda lin, x, cfg, **kw: stats.append(real(lin, x, cfg, **kw)) or stats[-1])
+    real = erq_mod.erq_group
+    monkeypatch.setattr(erq_mod, "erq_group", lambda lins, x, cfg, **kw: stats.extend(real(lins, x, cfg, **kw)) or stats[-len(lins):])
     quantize_model(model, QuantConfig(w_bits=4, a_bits=4), method="erq", calib=batches, progress=False)
     assert len(stats) == sum(isinstance(m, QuantLinear) for m in model.modules())
     for s in stats:  # the layer's output error on its own calibration data
@@ -147,8 +147,8 @@ def test_erq_beats_rtn_on_model_output():
 def test_erq_is_deterministic_and_bounds_cached_tokens(monkeypatch):
     make, data = MODELS["bert"]
     seen = []
-    real = erq_mod.erq_linear
-    monkeypatch.setattr(erq_mod, "erq_linear", lambda lin, x, cfg, **kw: seen.append(x.shape[0]) or real(lin, x, cfg, **kw))
+    real = erq_mod.erq_group
+    monkeypatch.setattr(erq_mod, "erq_group", lambda lins, x, cfg, **kw: seen.append(x.shape[0]) or real(lins, x, cfg, **kw))
     outs = []
     for _ in range(2):
         model = make()

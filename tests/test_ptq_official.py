@@ -2,15 +2,20 @@
 against an independent computation (docs/quantization.md, "Paper, official code and s2d")."""
 from __future__ import annotations
 
+from collections import Counter
+
+import numpy as np
 import pytest
 import torch
 
 from ptq_models import tiny_bert, text_batches
-from s2d.quant import QuantConfig, QuantLinear, quantize_model
+from s2d.models import blocks
+from s2d.quant import ERQConfig, QuantConfig, QuantLinear, quantize_model
 from s2d.quant.primitives import int_range
 from s2d.quant.ptq.erq_math import RowGrid, wqer
 from s2d.quant.quantizers import UniformQuantizer
 from s2d.quant.reparam import channel_affine_from_ranges
+from s2d.quant.twopart import TwoPartQuantizer, outlier_columns
 
 
 def test_unconstrained_channel_range_keeps_its_own_step():
@@ -56,7 +61,9 @@ def test_repq_and_erq_weights_are_asymmetric_per_channel(method):
             wq = m.weight_quantizer
             assert (wq.symmetric, wq.qmin, wq.qmax, wq.granularity) == (False, 0, 15, "channel")
             w = wq(m.weight.detach())
-            codes = w / wq.scale[:, None] + wq.zero_point[:, None]
+            scale, zp = (wq.element_params(w.shape) if isinstance(wq, TwoPartQuantizer)
+                         else (wq.scale[:, None], wq.zero_point[:, None]))
+            codes = w / scale + zp
             torch.testing.assert_close(codes, codes.round().clamp(0, 15), atol=1e-3, rtol=0)
 
 
@@ -89,3 +96,76 @@ def test_wqer_compensates_the_bias():
     delta1 = (torch.round(w / 0.3).clamp(-7, 7) * 0.3 - w).reshape(-1)
     torch.testing.assert_close(wq, (w.reshape(-1) + delta1)[:, None], atol=1e-6, rtol=0)
     torch.testing.assert_close(bq, b - x.sum() * delta1 / (x.shape[0] + lam), atol=1e-5, rtol=0)
+
+
+def _planted_outlier_weight(m: int = 60, n: int = 48, cols: tuple[int, ...] = (5, 17, 30)) -> torch.Tensor:
+    """Gaussian weight (m, n) whose columns ``cols`` are 12x larger in every row."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(m, n, generator=g) * 0.05
+    w[:, list(cols)] *= 12
+    return w
+
+
+def test_outlier_columns_match_numpy_percentile_count():
+    """Brute force of the official rule: per row, np.percentile(positives, 99) / (negatives, 1), then the
+    m // 20 columns counted in the most rows (Counter.most_common)."""
+    w = _planted_outlier_weight()
+    counts = Counter()
+    for row in w.numpy().astype(np.float64):
+        hi, lo = np.percentile(row[row > 0], 99), np.percentile(row[row < 0], 1)
+        counts.update(np.nonzero((row > hi) | (row < lo))[0].tolist())
+    expect = sorted(c for c, _ in counts.most_common(w.shape[0] // 20))
+    assert outlier_columns(w).tolist() == expect == [5, 17, 30]
+
+
+def test_two_part_levels_and_error_on_planted_outlier_columns():
+    """Each row's outlier columns and other columns round to the nearest of their own 16 levels (brute
+    force), and the other columns' error is far below one per-row grid stretched over the outliers."""
+    w = _planted_outlier_weight()
+    q = TwoPartQuantizer(4)
+    q.observe(w)
+    q.finalize()
+    assert q.columns.tolist() == [5, 17, 30]
+    out = q(w)
+    mask = q.column_mask(w.shape[1])
+    for part, cols in ((0, ~mask), (1, mask)):
+        vals = w[:, cols]
+        lo, hi = vals.amin(1, keepdim=True), vals.amax(1, keepdim=True)
+        step = (hi - lo) / 15  # min-max range, not widened to 0; zero point round(-lo / step), unclamped
+        levels = (torch.arange(16) - torch.round(-lo / step)) * step  # (m, 16)
+        nearest = levels.gather(1, (vals[:, :, None] - levels[:, None, :]).abs().argmin(2))
+        torch.testing.assert_close(out[:, cols], nearest, atol=1e-6, rtol=1e-5)
+    single = UniformQuantizer(4, False, "channel", include_zero=False)
+    single.observe(w)
+    single.finalize()
+    err = lambda y: float((y - w)[:, ~mask].pow(2).mean())  # noqa: E731
+    assert err(out) < 0.05 * err(single(w))
+
+
+def test_erq_two_part_on_qkv_and_fc1_only_with_joint_columns():
+    """ERQ's default gives q/k/v and fc1 the two-part quantizer, q, k and v the same outlier columns (the
+    official fused qkv), every other Linear a plain per-row grid; Wqer leaves weights on the grids."""
+    torch.manual_seed(0)
+    model = tiny_bert()
+    quantize_model(model, QuantConfig(4, 4), method="erq", calib=text_batches(), progress=False)
+    mods = dict(model.named_modules())
+    for b in blocks(model):
+        qkv = [mods[n].weight_quantizer for n in b.qkv]
+        assert all(isinstance(q, TwoPartQuantizer) for q in qkv + [mods[n].weight_quantizer for n in b.fc1])
+        assert all(torch.equal(q.columns, qkv[0].columns) for q in qkv)
+        assert not isinstance(mods[b.attn_out].weight_quantizer, TwoPartQuantizer)
+        assert not isinstance(mods[b.fc2].weight_quantizer, TwoPartQuantizer)
+    plain = tiny_bert()
+    quantize_model(plain, QuantConfig(4, 4), method="erq", calib=text_batches(),
+                   config=ERQConfig(two_part=False), progress=False)
+    assert not any(isinstance(m, TwoPartQuantizer) for m in plain.modules())
+
+
+def test_two_part_state_dict_round_trip():
+    w = _planted_outlier_weight()
+    q = TwoPartQuantizer(4)
+    q.observe(w)
+    q.finalize()
+    fresh = TwoPartQuantizer(4)
+    fresh.load_state_dict(q.state_dict())
+    assert fresh.calibrated and torch.equal(fresh(w), q(w))

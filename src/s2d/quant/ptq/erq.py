@@ -5,12 +5,15 @@ of the official TPAMI code (``zysxmu/ERQ``, ``test_quant_expand.py``; docs/quant
    reparameterisation (``s2d.quant.ptq.repq``).
 2. The input X of every Linear group (Linears reading the same tensor) is captured once from the float
    model (``cache="float"``, official; ``"progressive"``: from the model quantized so far, group by
-   group, s2d 0.1). Then per Linear, in forward order, with X̃ = its input quantizer applied to X and
+   group, s2d 0.1). Then per group, in forward order (Aqer on every Linear of the group, then the
+   weight grids, then Wqer), with X̃ = a Linear's input quantizer applied to X and
    Y = X Wᵀ + b:
    - Aqer: [W b] += δᵀ with δ = (X̃ᵀX̃ + λ_a I)⁻¹ X̃ᵀ (Y − X̃ [W b]ᵀ)  (ridge regression; a bias is
      created if the Linear had none; λ_a = ``head_aqer_lambda`` for a 2-D input, the head);
    - the weight quantizer (asymmetric per channel) is calibrated on the updated weight by the
-     official clipping grid ``w_quantiles``;
+     official clipping grid ``w_quantiles``; for q/k/v and fc1 it is the official two-part quantizer
+     (``two_part``, :mod:`s2d.quant.twopart`): the input columns with the most per-row outliers (out/20
+     of them, chosen jointly over q, k and v like the code's fused qkv) get a per-row grid of their own;
    - Wqer: half of the still-float columns at a time are rounded onto that grid with rounding
      refinement (≤ ``max_flips`` greedy floor/ceil flips per row lowering δ1ᵀ(μμᵀ+Σ)δ1) and the
      remaining float columns and the bias are compensated by ridge regression
@@ -19,8 +22,7 @@ of the official TPAMI code (``zysxmu/ERQ``, ``test_quant_expand.py``; docs/quant
    paper or the code) keeps RTN for a layer whose output error ends above RTN's.
 
 λ is absolute (not rescaled with the number of tokens) and columns are taken in index order, as in
-the code. Not built: the code's two-part weight quantizer for qkv / fc1 (outlier input columns with a
-scale of their own).
+the code.
 """
 from __future__ import annotations
 
@@ -36,17 +38,21 @@ from s2d.quant.api import register_method
 from s2d.quant.config import QuantConfig
 from s2d.quant.linear import QuantLinear
 from s2d.quant.prepare import named_quantizers, set_quantization
-from s2d.quant.ptq.common import capture_inputs, linear_groups
+from s2d.quant.ptq.common import LinearGroup, capture_inputs, linear_groups, quantile_mse_range
 from s2d.quant.ptq.erq_math import RowGrid, aqer, wqer
 from s2d.quant.ptq.repq import RepQConfig, input_quantizer, repq_calibrate, set_weight_range
+from s2d.quant.quantizers import Quantizer
+from s2d.quant.twopart import TwoPartQuantizer, outlier_columns
 from s2d.utils import eval_mode
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CACHES", "WEIGHT_QUANTILES", "ERQConfig", "erq", "erq_linear"]
+__all__ = ["CACHES", "TWO_PART_ROLES", "WEIGHT_QUANTILES", "ERQConfig", "erq", "erq_group", "erq_linear",
+           "calibrate_weight"]
 
 
 CACHES = ("float", "progressive")  # where ERQ's layer inputs X come from (ERQConfig.cache)
+TWO_PART_ROLES = ("qkv", "fc1")  # Linear groups whose weights get the two-part quantizer (official: qkv, fc1)
 WEIGHT_QUANTILES = (0.97, 0.98, 0.99, 0.995, 0.9995, 0.9997, 0.9999, 0.99995, 0.99999, 1.0)  # official grid
 
 
@@ -65,6 +71,8 @@ class ERQConfig:
     quantiles: tuple[float, ...] = (0.999, 0.9999, 0.99999)  # activation clipping candidates (as RepQConfig)
     w_quantiles: tuple[float, ...] = WEIGHT_QUANTILES  # weight clipping candidates p per row: [q(1-p), q(p)]
     w_symmetric: bool = False       # weights asymmetric per channel, as the official code (True: symmetric)
+    two_part: bool = True           # qkv / fc1 weights: outlier input columns get a per-row grid of their own
+    #                                 (TPAMI code; needs asymmetric per-channel weights, else not applied)
     cache: str = "float"            # "float": X captured once from the float model, X̃ = Q_a(X) (official);
     #                                 "progressive": X from the model quantized so far (s2d 0.1)
     rtn_fallback: bool = False      # keep RTN weights where ERQ's output error ends higher (s2d 0.1; not official)
@@ -93,14 +101,62 @@ class ERQConfig:
                           seed=self.seed, w_symmetric=self.w_symmetric)
 
 
-@torch.no_grad()
-def erq_linear(lin: QuantLinear, x_raw: torch.Tensor, config: ERQConfig, aqer_lambda: float | None = None) -> dict:
-    """Aqer + weight calibration + Wqer for one QuantLinear given its recorded raw input (N, in).
+@dataclass
+class _LayerData:
+    """What ERQ keeps of one Linear between Aqer and Wqer."""
 
-    The input quantizer must be calibrated. ``aqer_lambda``: λ_a of this layer (default
-    ``config.aqer_lambda``). Returns the layer's output MSE vs Y = XWᵀ+b before (RTN weights,
-    quantized input) and after.
+    x_q: torch.Tensor          # (N, in) quantized input as the weights see it
+    y: torch.Tensor            # (N, out) float output X Wᵀ + b of the original layer
+    w0: torch.Tensor           # (out, in) original weight
+    b0: torch.Tensor | None    # (out,) original bias
+    mse_rtn: float             # output MSE with RTN weights (on the original W) and quantized input
+
+
+@torch.no_grad()
+def erq_group(lins: list[QuantLinear], x_raw: torch.Tensor, config: ERQConfig,
+              aqer_lambda: float | None = None) -> list[dict]:
+    """Aqer, weight calibration and Wqer for Linears that read the same recorded raw input (N, in).
+
+    The input quantizers must be calibrated. The outlier columns of two-part weight quantizers are
+    chosen once on the group's stacked weights (q, k and v as the one fused qkv of the official code).
+    ``aqer_lambda``: λ_a of this group (default ``config.aqer_lambda``). Returns per Linear its output
+    MSE vs Y = XWᵀ+b before (RTN weights, quantized input) and after.
     """
+    data = [_aqer_step(lin, x_raw, config, config.aqer_lambda if aqer_lambda is None else aqer_lambda)
+            for lin in lins]
+    columns = None
+    if any(isinstance(lin.weight_quantizer, TwoPartQuantizer) for lin in lins):
+        columns = outlier_columns(torch.cat([lin.weight.detach() for lin in lins]))
+    for lin in lins:
+        calibrate_weight(lin, config.w_quantiles, columns)
+    return [_wqer_step(lin, d, config) for lin, d in zip(lins, data)]
+
+
+def erq_linear(lin: QuantLinear, x_raw: torch.Tensor, config: ERQConfig, aqer_lambda: float | None = None) -> dict:
+    """:func:`erq_group` for one Linear."""
+    return erq_group([lin], x_raw, config, aqer_lambda)[0]
+
+
+def calibrate_weight(lin: QuantLinear, quantiles: tuple[float, ...], columns: torch.Tensor | None = None) -> None:
+    """The weight quantizer on the Linear's current weight, per row by the clipping grid ``quantiles``; a
+    :class:`TwoPartQuantizer` first takes its outlier ``columns`` (default: chosen on this weight) and
+    searches each part's range separately. Enables the quantizer."""
+    wq = lin.weight_quantizer
+    if not isinstance(wq, TwoPartQuantizer):
+        set_weight_range(lin, quantiles)
+        return
+    w = lin.weight.detach().float()
+    wq.set_columns(outlier_columns(w) if columns is None else columns)
+    rest, out = wq.parts(w)
+    lo_r, hi_r = quantile_mse_range(rest, wq.bits, False, quantiles, include_zero=wq.include_zero)
+    lo_o, hi_o = (quantile_mse_range(out, wq.bits, False, quantiles, include_zero=wq.include_zero)
+                  if out.shape[1] else (lo_r, hi_r))  # no outlier column: the second grid is unused
+    wq.set_ranges(torch.stack([lo_r, lo_o], 1), torch.stack([hi_r, hi_o], 1))
+    wq.enabled = True
+
+
+def _aqer_step(lin: QuantLinear, x_raw: torch.Tensor, config: ERQConfig, aqer_lambda: float) -> _LayerData:
+    """Record the layer's tensors, its RTN error, and run Aqer (weight and bias updated in place)."""
     q = input_quantizer(lin)
     q.enabled = False
     x = lin.input_quantizer(x_raw)  # float input as the weights see it (reparameterised if any)
@@ -109,34 +165,46 @@ def erq_linear(lin: QuantLinear, x_raw: torch.Tensor, config: ERQConfig, aqer_la
     w0 = lin.weight.detach().clone()
     b0 = None if lin.bias is None else lin.bias.detach().clone()
     y = x @ w0.T + (0 if b0 is None else b0)
-    set_weight_range(lin, config.w_quantiles)
-    err_rtn = _output_mse(lin, x_q, y)
-    w, b = w0, b0
+    calibrate_weight(lin, config.w_quantiles)
+    data = _LayerData(x_q, y, w0, b0, _output_mse(lin, x_q, y))
     if config.use_aqer:
-        w, b = aqer(w0, b0, x_q, y, config.aqer_lambda if aqer_lambda is None else aqer_lambda)
+        w, b = aqer(w0, b0, x_q, y, aqer_lambda)
         lin.weight.copy_(w)
         if lin.bias is None:
             lin.bias = nn.Parameter(b)
         else:
             lin.bias.copy_(b)
-        set_weight_range(lin, config.w_quantiles)  # weight quantizer on the updated weights
+    return data
+
+
+def _wqer_step(lin: QuantLinear, data: _LayerData, config: ERQConfig) -> dict:
+    """Wqer on the calibrated weight grid (weight and bias updated in place); the RTN fallback if asked."""
     if config.use_wqer:
-        wq = lin.weight_quantizer
-        m = w.shape[0]
-        grid = RowGrid(wq.scale.reshape(-1).expand(m) if wq.scale.numel() == 1 else wq.scale.reshape(-1),
-                       wq.zero_point.reshape(-1).expand(m) if wq.zero_point.numel() == 1 else wq.zero_point.reshape(-1),
-                       wq.qmin, wq.qmax)
-        w, b = wqer(w, x_q, grid, config.wqer_lambda, config.max_flips, config.row_group, bias=lin.bias)
+        grid = _weight_grid(lin.weight_quantizer, lin.weight.shape)
+        w, b = wqer(lin.weight.detach(), data.x_q, grid, config.wqer_lambda, config.max_flips, config.row_group,
+                    bias=lin.bias)
         lin.weight.copy_(w)
         if lin.bias is not None:
             lin.bias.copy_(b)
-    err = _output_mse(lin, x_q, y)
-    fallback = config.rtn_fallback and err > err_rtn
+    err = _output_mse(lin, data.x_q, data.y)
+    fallback = config.rtn_fallback and err > data.mse_rtn
     if fallback:  # the ridge steps can overshoot on a tiny calibration set: keep RTN for this layer
-        _restore_rtn(lin, w0, b0, config)
-        logger.debug("erq: output error %.3g > RTN's %.3g; layer kept at RTN", err, err_rtn)
-        err = _output_mse(lin, x_q, y)
-    return {"mse_rtn": err_rtn, "mse_erq": err, "kept_rtn": fallback}
+        _restore_rtn(lin, data.w0, data.b0, config)
+        logger.debug("erq: output error %.3g > RTN's %.3g; layer kept at RTN", err, data.mse_rtn)
+        err = _output_mse(lin, data.x_q, data.y)
+    return {"mse_rtn": data.mse_rtn, "mse_erq": err, "kept_rtn": fallback}
+
+
+def _weight_grid(wq: Quantizer, shape: torch.Size) -> RowGrid:
+    """The calibrated grid of a weight quantizer for a weight of ``shape`` (m, n): per entry for a
+    :class:`TwoPartQuantizer`, per row otherwise (a per-tensor scale repeated on every row)."""
+    if isinstance(wq, TwoPartQuantizer):
+        scale, zero = wq.element_params(shape)
+        return RowGrid(scale, zero, wq.qmin, wq.qmax)
+    m = shape[0]
+    return RowGrid(wq.scale.reshape(-1).expand(m) if wq.scale.numel() == 1 else wq.scale.reshape(-1),
+                   wq.zero_point.reshape(-1).expand(m) if wq.zero_point.numel() == 1 else wq.zero_point.reshape(-1),
+                   wq.qmin, wq.qmax)
 
 
 def _output_mse(lin: QuantLinear, x_q: torch.Tensor, y: torch.Tensor) -> float:
@@ -152,7 +220,7 @@ def _restore_rtn(lin: QuantLinear, w0: torch.Tensor, b0: torch.Tensor | None, co
     else:
         lin.bias.copy_(b0)
     lin.weight.copy_(w0)
-    set_weight_range(lin, config.w_quantiles)
+    calibrate_weight(lin, config.w_quantiles)
     lin.weight.copy_(lin.weight_quantizer(w0))
 
 
@@ -196,17 +264,34 @@ def erq(model: nn.Module, spec: QuantConfig, calib: Iterable[dict] | None, confi
     batches = repq_calibrate(model, spec, calib, config.repq_config(), progress, weights=False)
     gen = torch.Generator().manual_seed(config.seed + 1)
     mods = dict(model.named_modules())
-    groups = [[n for n in g.names if isinstance(mods[n], QuantLinear)] for g in linear_groups(model)]
-    groups = [g for g in groups if g]
+    groups = [LinearGroup([n for n in g.names if isinstance(mods[n], QuantLinear)], g.role, g.block)
+              for g in linear_groups(model)]
+    groups = [g for g in groups if g.names]
+    if config.two_part:
+        _install_two_part(mods, groups, spec, config)
     with eval_mode(model), torch.no_grad():
-        firsts = [g[0] for g in groups]
+        firsts = [g.names[0] for g in groups]
         ndims = _input_ndims(model, mods, firsts, batches[0])
         cached = _float_inputs(model, mods, firsts, batches, config, gen) if config.cache == "float" else {}
-        for names in tqdm(groups, desc="erq layers", disable=not progress, leave=False):
-            x_raw = (cached.pop(names[0]) if config.cache == "float" else
-                     capture_inputs(model, {names[0]: mods[names[0]]}, batches, config.max_tokens, gen)[names[0]])
-            lam = config.head_aqer_lambda if ndims.get(names[0]) == 2 else config.aqer_lambda
-            for n in names:
-                stats = erq_linear(mods[n], x_raw, config, aqer_lambda=lam)
+        for g in tqdm(groups, desc="erq layers", disable=not progress, leave=False):
+            first = g.names[0]
+            x_raw = (cached.pop(first) if config.cache == "float" else
+                     capture_inputs(model, {first: mods[first]}, batches, config.max_tokens, gen)[first])
+            lam = config.head_aqer_lambda if ndims.get(first) == 2 else config.aqer_lambda
+            for n, stats in zip(g.names, erq_group([mods[n] for n in g.names], x_raw, config, aqer_lambda=lam)):
                 logger.debug("erq %s: output mse %.3g (rtn) -> %.3g", n, stats["mse_rtn"], stats["mse_erq"])
             del x_raw
+
+
+def _install_two_part(mods: dict[str, nn.Module], groups: list[LinearGroup], spec: QuantConfig,
+                      config: ERQConfig) -> None:
+    """Give the Linears of the qkv and fc1 groups a (disabled) :class:`TwoPartQuantizer` for their weights,
+    when the weights are asymmetric per channel (the two-part grid is a per-row asymmetric one)."""
+    if config.w_symmetric or spec.w_granularity != "channel":
+        logger.info("erq: two_part needs asymmetric per-channel weights; plain per-row grids used")
+        return
+    for g in groups:
+        if g.role in TWO_PART_ROLES:
+            for n in g.names:
+                mods[n].weight_quantizer = TwoPartQuantizer(spec.w_bits, include_zero=False)
+                mods[n].weight_quantizer.enabled = False

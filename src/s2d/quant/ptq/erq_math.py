@@ -50,20 +50,42 @@ def aqer(weight: Tensor, bias: Tensor | None, x_q: Tensor, y: Tensor, lam: float
 
 @dataclass(frozen=True)
 class RowGrid:
-    """Per-output-row uniform grid: value = (code − zero) · scale, code ∈ [qmin, qmax]. scale, zero: (m,)."""
+    """Uniform weight grid: value = (code − zero) · scale, code ∈ [qmin, qmax].
 
-    scale: Tensor  # (m,) step per row
-    zero: Tensor   # (m,) zero point per row (in codes)
+    scale, zero: (m,), one grid per output row, or (m, n), one per entry (ERQ's two-part quantizer,
+    whose outlier columns have a grid of their own).
+    """
+
+    scale: Tensor  # (m,) or (m, n) step
+    zero: Tensor   # (m,) or (m, n) zero point (in codes)
     qmin: int      # lowest code
     qmax: int      # highest code
 
+    def _bc(self, t: Tensor) -> Tensor:
+        """``t`` in float64, broadcastable against (m, k) weights."""
+        return t.double()[:, None] if t.dim() == 1 else t.double()
+
+    def step(self) -> Tensor:
+        """The step, (m, 1) or (m, n), float64."""
+        return self._bc(self.scale)
+
+    def columns(self, idx: Tensor) -> RowGrid:
+        """The grid of columns ``idx`` (the same grid when it is per row)."""
+        if self.scale.dim() == 1:
+            return self
+        return RowGrid(self.scale[:, idx], self.zero[:, idx], self.qmin, self.qmax)
+
+    def rows(self, sl: slice) -> RowGrid:
+        """The grid of rows ``sl``."""
+        return RowGrid(self.scale[sl], self.zero[sl], self.qmin, self.qmax)
+
     def codes(self, w: Tensor) -> Tensor:
-        """Continuous codes w/Δ + z, (m, k) for w (m, k)."""
-        return w.double() / self.scale.double()[:, None] + self.zero.double()[:, None]
+        """Continuous codes w/Δ + z, (m, k) for w (m, k) (k = n for a per-entry grid)."""
+        return w.double() / self.step() + self._bc(self.zero)
 
     def dequant(self, q: Tensor) -> Tensor:
         """Values (q − z) · Δ, float64, for codes q (m, k)."""
-        return (q - self.zero.double()[:, None]) * self.scale.double()[:, None]
+        return (q - self._bc(self.zero)) * self.step()
 
 
 def refine_rounding(
@@ -71,7 +93,7 @@ def refine_rounding(
 ) -> Tensor:
     """ERQ rounding refinement: greedy floor/ceil flips per row that lower δ H δᵀ, δ = Q(w) − w.
 
-    w: (m, k) weight columns being quantized; hess: (k, k) = μμᵀ + Σ = E[x̃ x̃ᵀ] over those columns.
+    w: (m, k) weight columns being quantized, ``grid`` theirs (:meth:`RowGrid.columns`); hess: (k, k) = μμᵀ + Σ = E[x̃ x̃ᵀ] over those columns.
     Starts from round-to-nearest; per row, at most ``max_flips`` flips, each the one with the largest
     decrease of the proxy, stopping when none decreases it. Returns the dequantized weights (m, k).
     """
@@ -80,14 +102,14 @@ def refine_rounding(
     out = []
     for start in range(0, w.shape[0], row_group):
         sl = slice(start, start + row_group)
-        sub = RowGrid(grid.scale[sl], grid.zero[sl], grid.qmin, grid.qmax)
+        sub = grid.rows(sl)
         v = sub.codes(w[sl])
         q = v.round().clamp(grid.qmin, grid.qmax)
         alt = torch.where(v > q, q + 1, q - 1)
         ok = (alt >= grid.qmin) & (alt <= grid.qmax) & (v >= grid.qmin) & (v <= grid.qmax)
         delta = sub.dequant(q) - w[sl].double()
         hd = delta @ hess  # (rows, k)
-        step = sub.scale.double()[:, None]
+        step = sub.step()
         for _ in range(max_flips):
             c = (alt - q) * step  # change of δ if flipped
             gain = 2 * c * hd + c * c * diag[None, :]  # change of δHδᵀ
@@ -142,9 +164,10 @@ def wqer(
         s1, s2 = remaining[:k], torch.cat([remaining[k:], extra])
         w1 = w[:, s1]
         if refine:
-            q1 = refine_rounding(w1, grid, gram[s1][:, s1] / n_tok, max_flips, row_group).double()
+            q1 = refine_rounding(w1, grid.columns(s1), gram[s1][:, s1] / n_tok, max_flips, row_group).double()
         else:
-            q1 = grid.dequant(grid.codes(w1).round().clamp(grid.qmin, grid.qmax))
+            g1 = grid.columns(s1)
+            q1 = g1.dequant(g1.codes(w1).round().clamp(grid.qmin, grid.qmax))
         delta1 = q1 - w1
         w[:, s1] = q1
         if s2.numel() > 0:
