@@ -46,8 +46,8 @@ def test_twin_softmax_matches_brute_force(bits, k):
 def test_twin_gelu_matches_brute_force(bits):
     L = 2 ** (bits - 1)
     x = nn.functional.gelu(torch.randn(2000) * 2)
-    neg_step, pos_step = torch.tensor(0.17 / (L - 1)), torch.tensor(3.1 / (L - 1))
-    neg, pos = -torch.arange(L) * neg_step, torch.arange(L) * pos_step
+    neg_step, pos_step = torch.tensor(0.17 / L), torch.tensor(3.1 / (L - 1))
+    neg, pos = -torch.arange(L + 1) * neg_step, torch.arange(L) * pos_step  # official: codes -L..0 and 0..L-1
     expected = torch.where(x < 0, _nearest(x, neg), _nearest(x, pos))
     q = TwinUniformQuantizer(bits, "gelu")
     q.neg_step, q.pos_step, q.calibrated = neg_step, pos_step, True

@@ -169,3 +169,25 @@ def test_two_part_state_dict_round_trip():
     fresh = TwoPartQuantizer(4)
     fresh.load_state_dict(q.state_dict())
     assert fresh.calibrated and torch.equal(fresh(w), q(w))
+
+
+def test_log_sqrt2_delta_from_quantile_candidates():
+    """RepQ-ViT's code: Δ is the quantile(p), p ∈ {0.999, 0.9999, 0.99999}, whose log-√2 grid has the lowest
+    MSE; brute force with numpy's percentile and an explicit level list."""
+    from s2d.quant.nonuniform import LogSqrt2Quantizer
+    torch.manual_seed(0)
+    x = torch.softmax(torch.randn(64, 50) * 3, -1).reshape(-1)
+    q = LogSqrt2Quantizer(4, quantiles=(0.999, 0.9999, 0.99999))
+    q.observe(x)
+    q.finalize()
+    xs = x.double().numpy()
+
+    def mse(delta: float) -> float:  # nearest of the 16 levels Δ·2^(-c/2) on the log2 scale, or 0 past the last
+        codes = np.clip(np.round(-2 * np.log2(np.maximum(xs, 1e-300) / delta)), 0, None)
+        levels = np.where(codes > 15, 0.0, delta * 2.0 ** (-np.ceil(codes / 2)) * (1 + (np.sqrt(2) - 1) * (codes % 2)))
+        return float(np.mean((levels - xs) ** 2))
+
+    cands = [float(np.percentile(xs, 100 * p)) for p in (0.999, 0.9999, 0.99999)]
+    errs = [mse(c) for c in cands]
+    assert float(q.delta) == pytest.approx(cands[int(np.argmin(errs))], rel=1e-5)
+    assert mse(float(q.delta)) < mse(float(x.max()))  # the quantile beats the plain maximum here

@@ -179,7 +179,10 @@ def test_twin_uniform_gelu():
     q = _calibrated(TwinUniformQuantizer(6, "gelu"), x)
     y = q(x)
     neg, pos = y[x < 0], y[x >= 0]
-    assert len(torch.unique(neg)) <= 32 and len(torch.unique(pos)) <= 32
+    assert len(torch.unique(neg)) <= 33 and len(torch.unique(pos)) <= 32
+    # the official fixed negative range: step 0.16997 / 2^(b-1), lowest code GELU's minimum
+    assert float(q.neg_step) == pytest.approx(0.16997124254703522 / 32)
+    assert float(q(torch.tensor([-5.0, -0.16997124254703522]))[0]) == pytest.approx(-0.16997124254703522)
     assert float((y - x).abs()[x < 0].max()) <= float(q.neg_step) / 2 + 1e-6  # fine negative range
     assert float((y - x).pow(2).mean()) < float((quantize_dequantize(x, 6, True) - x).pow(2).mean())
 

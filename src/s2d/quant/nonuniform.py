@@ -43,15 +43,27 @@ class LogSqrt2Quantizer(SampledQuantizer):
 
     code q = clamp(round(-2·log2(x/Δ)), 0, 2^b-1); value = Δ·2^(-ceil(q/2))·(1 + (√2-1)·(q mod 2)),
     i.e. Δ·2^(-q/2) on a √2 grid; inputs whose code would exceed 2^b-1 (including 0) map to 0.
-    Δ: the candidate max(x)·2^(-j/8), j = 0..16, with the lowest MSE over the observed values.
-    Gradient: straight-through (identity).
+    Δ: the candidate with the lowest MSE over the observed values (the first wins ties); candidates
+    ``quantiles`` p give Δ = quantile(x, p) (RepQ-ViT's code: p ∈ {0.999, 0.9999, 0.99999}), None gives
+    max(x)·2^(-j/8), j = 0..16 (s2d 0.1). Gradient: straight-through (identity).
     """
 
     kind = "log_sqrt2"
 
-    def __init__(self, bits: int = 4) -> None:
+    def __init__(self, bits: int = 4, quantiles: tuple[float, ...] | None = None) -> None:
         super().__init__(bits)
+        if quantiles is not None and (not quantiles or not all(0 < p <= 1 for p in quantiles)):
+            raise ValueError(f"LogSqrt2Quantizer.quantiles must be None or non-empty in (0, 1], got {quantiles!r}")
+        self.quantiles = None if quantiles is None else tuple(quantiles)
         self.register_buffer("delta", None)
+
+    def _candidates(self, x: Tensor) -> list[Tensor]:
+        """The Δ candidates for the observed values ``x`` (N,)."""
+        if self.quantiles is None:
+            top = x.max().clamp_min(EPS)
+            return [top * 2.0 ** (-j / 8) for j in range(17)]
+        qs = torch.quantile(x, torch.tensor(self.quantiles, dtype=x.dtype, device=x.device))
+        return list(qs.clamp_min(EPS))
 
     def _codes_to_values(self, x: Tensor, delta: Tensor) -> Tensor:
         qmax = 2**self.bits - 1
@@ -63,12 +75,10 @@ class LogSqrt2Quantizer(SampledQuantizer):
 
     def finalize(self) -> None:
         x = self.samples()
-        top = x.max().clamp_min(EPS)
-        best, best_err = top, float("inf")
-        for j in range(17):
-            delta = top * 2.0 ** (-j / 8)
+        best, best_err = None, float("inf")
+        for delta in self._candidates(x):
             err = float((self._codes_to_values(x, delta) - x).pow(2).mean())
-            if err < best_err:
+            if best is None or err < best_err:
                 best, best_err = delta, err
         self.delta = best.reshape(())
         self.calibrated = True
@@ -87,14 +97,15 @@ class TwinUniformQuantizer(SampledQuantizer):
 
     mode "softmax" (inputs in [0, 1]): a fine range [0, s) with step s / (2^(b-1)-1) and a coarse range
     [s, 1] with step 1 / (2^(b-1)-1) (the official code's steps: the top code is 1.0), where the threshold s = 2^-k, k in 0..19, is chosen by MSE on the observed
-    values. mode "gelu": negatives with step |min(x)| / (2^(b-1)-1) (the observed minimum; PTQ4ViT uses
-    GELU's fixed minimum, -0.17) and positives with step Δ+ = max(x)·c / (2^(b-1)-1), c searched over
-    0.3..1.0 by MSE. Each range keeps 2^(b-1) codes (one sign bit). Gradient: straight-through inside the
-    ranges. Other methods may overwrite ``threshold`` / ``pos_step`` / ``neg_step`` (e.g. a Hessian search).
+    values. mode "gelu" (the official ``PostGeluPTQSLBatchingQuantLinear``): negatives on the fixed step
+    |GELU's minimum| / 2^(b-1) = 0.16997 / 2^(b-1), codes −2^(b-1)..0, so the lowest code is GELU's minimum
+    whatever the calibration data; positives with step Δ+ = max(x)·c / (2^(b-1)-1), codes 0..2^(b-1)-1, c
+    searched over 0.3..1.0 by MSE. Gradient: straight-through inside the ranges. Other methods may overwrite ``threshold`` / ``pos_step`` / ``neg_step`` (e.g. a Hessian search).
     """
 
     kind = "twin_uniform"
     MODES = ("softmax", "gelu")
+    GELU_MIN = 0.16997124254703522  # −min over x of x·Φ(x), the exact GELU's most negative output
 
     def __init__(self, bits: int = 8, mode: str = "softmax") -> None:
         super().__init__(bits)
@@ -114,7 +125,7 @@ class TwinUniformQuantizer(SampledQuantizer):
         return torch.where(x.detach() < s, fine, coarse)
 
     def _gelu_q(self, x: Tensor, neg_step: Tensor, pos_step: Tensor) -> Tensor:
-        neg = torch.clamp(round_ste(x / neg_step), -(self.levels - 1), 0) * neg_step
+        neg = torch.clamp(round_ste(x / neg_step), -self.levels, 0) * neg_step
         pos = torch.clamp(round_ste(x / pos_step), 0, self.levels - 1) * pos_step
         return torch.where(x.detach() < 0, neg, pos)
 
@@ -125,7 +136,7 @@ class TwinUniformQuantizer(SampledQuantizer):
             self.threshold = torch.tensor(2.0 ** -min(errs)[1])
         else:
             n = self.levels - 1
-            self.neg_step = (-x.min()).clamp_min(EPS) / n
+            self.neg_step = torch.tensor(self.GELU_MIN / self.levels)
             top = x.max().clamp_min(EPS)
             errs = []
             for c in SHRINK_FACTORS:
@@ -145,6 +156,6 @@ class TwinUniformQuantizer(SampledQuantizer):
         else:
             rng = None if self.pos_step is None else {
                 "neg_step": float(self.neg_step), "pos_step": float(self.pos_step),
-                "range": [-float(self.neg_step) * (self.levels - 1), float(self.pos_step) * (self.levels - 1)]}
+                "range": [-float(self.neg_step) * self.levels, float(self.pos_step) * (self.levels - 1)]}
         return {"kind": self.kind, "bits": self.bits, "granularity": "tensor", "symmetric": False,
                 "mode": self.mode, "range": rng}

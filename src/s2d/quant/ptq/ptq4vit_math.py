@@ -41,8 +41,9 @@ def sym_fq(x: Tensor, step: Tensor, qmax: int, qmin: int | None = None) -> Tenso
 
 
 def twin_gelu_fq(x: Tensor, neg_step: Tensor, pos_step: Tensor, levels: int) -> Tensor:
-    """Twin uniform, gelu mode: negatives on neg_step, positives on pos_step, 2^(b−1) codes each."""
-    neg = torch.clamp(torch.round(x / neg_step), -(levels - 1), 0) * neg_step
+    """Twin uniform, gelu mode: negatives on neg_step (codes −2^(b−1)..0), positives on pos_step (codes
+    0..2^(b−1)−1), as the official post-GELU quantizer; ``levels`` = 2^(b−1)."""
+    neg = torch.clamp(torch.round(x / neg_step), -levels, 0) * neg_step
     pos = torch.clamp(torch.round(x / pos_step), 0, levels - 1) * pos_step
     return torch.where(x < 0, neg, pos)
 

@@ -13,7 +13,8 @@ current one are already quantized when its activations are recorded):
    their weights and bias — see ``s2d.quant.reparam`` for the exact maths and why.
 3. Other Linear inputs (out-proj, fc2, head) and q, k, v: per-tensor asymmetric uniform with the same
    quantile/MSE search (RepQ-ViT activations are asymmetric whatever ``spec.a_symmetric`` says).
-   Post-softmax probabilities: log-√2 quantizer (Δ by MSE).
+   Post-softmax probabilities: log-√2 quantizer, Δ the quantile(p) candidate with the lowest MSE (as
+   the official code).
 4. Weights (after reparameterisation): uniform asymmetric per output channel with the quantile/MSE
    search, as the official code (``RepQConfig(w_symmetric=True)``: symmetric narrow codes).
 Ranges are not widened to include 0 (the official ``init_quantization_scale``; ``include_zero=True``
@@ -93,7 +94,7 @@ def _install_quantizers(model: nn.Module, spec: QuantConfig, cfg: RepQConfig) ->
         if aq is not None:
             for part in ("q", "k", "v"):
                 setattr(aq, part, UniformQuantizer(spec.a_bits, False, "tensor", include_zero=zero))
-            aq.probs = LogSqrt2Quantizer(spec.a_bits)
+            aq.probs = LogSqrt2Quantizer(spec.a_bits, quantiles=cfg.quantiles)
             for q in (aq.q, aq.k, aq.v, aq.probs):
                 q.enabled = False
 
