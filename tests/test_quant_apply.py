@@ -14,6 +14,7 @@ import transformers as tf
 
 import s2d.quant
 import s2d.quant.api as api
+from s2d.quant.conv import QuantPatchConv, is_patch_conv
 from s2d.quant import (QuantConfig, QuantLinear, RepQConfig, RTNConfig, available_methods, calibrate,
                        list_quantizers, named_quantizers, prepare_model, quantize_model, register_method,
                        set_quantization)
@@ -120,11 +121,13 @@ def test_every_linear_and_attention_quantized_and_calibrated(family):
     model = _build(family)
     n_linear = sum(type(m) is torch.nn.Linear for m in model.modules())
     names = [n for n, m in model.named_modules() if type(m) is torch.nn.Linear]
+    n_patch = sum(is_patch_conv(m) for m in model.modules())  # Conv2d patch embeddings: weight quantizer only
     batch = FAMILIES[family][1]()
     quantize_model(model, QuantConfig(w_bits=4, a_bits=4), calib=[batch, FAMILIES[family][1]()], progress=False)
     assert [n for n, m in model.named_modules() if isinstance(m, QuantLinear)] == names  # same names, all swapped
+    assert sum(isinstance(m, QuantPatchConv) for m in model.modules()) == n_patch
     rows = list_quantizers(model)
-    assert len(rows) == 2 * n_linear + 4 * N_ATTN
+    assert len(rows) == 2 * n_linear + 4 * N_ATTN + n_patch
     assert all(r["calibrated"] and r["range"] is not None and r["bits"] == 4 for r in rows)
     roles = {r["role"] for r in rows}
     assert roles == {"input", "weight", "attn_q", "attn_k", "attn_probs", "attn_v"}

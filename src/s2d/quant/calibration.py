@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from s2d.quant.conv import QuantPatchConv
 from s2d.quant.linear import QuantLinear
 from s2d.quant.prepare import TOKEN_DIMS, named_quantizers, quantizer_roles
 from s2d.quant.quantizers import Quantizer
@@ -52,9 +53,9 @@ def run_batches(model: nn.Module, batches: Iterable[dict], progress: bool = True
 
 
 def calibrate_weights(model: nn.Module) -> None:
-    """Finalize every weight quantizer from its Linear's current weight (dynamic ones record it for describe)."""
+    """Finalize every weight quantizer from its layer's current weight (dynamic ones record it for describe)."""
     for m in model.modules():
-        if isinstance(m, QuantLinear) and isinstance(m.weight_quantizer, Quantizer):
+        if isinstance(m, (QuantLinear, QuantPatchConv)) and isinstance(m.weight_quantizer, Quantizer):
             wq = m.weight_quantizer
             wq.reset()
             with torch.no_grad():

@@ -69,6 +69,8 @@ class QuantConfig:
     a_range: str = "minmax"         # activation range over the calibration batches: "minmax" | "percentile" | "mse"
     quantize_attention: bool = True  # also quantize the attention matmul inputs q, k, probs, v
     quantize_head: bool = True      # also quantize the classifier-head Linears (s2d.models.head_names)
+    quantize_patch_embed: bool = True  # also quantize a vision model's patch-embedding Conv2d weight (as the
+    #                                    official PTQ pipelines; s2d.quant.conv); its input stays float
     skip: tuple[str, ...] = ()      # fnmatch patterns of module names left in float (Linears, attention)
     w_range: str = "minmax"         # weight range from the weight itself: "minmax" | "percentile" | "mse"
     percentile: float = 0.9999      # clipping percentile p for the "percentile" ranges, in (0.5, 1]

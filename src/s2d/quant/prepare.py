@@ -2,8 +2,10 @@
 quantizer_roles, list_quantizers, set_quantization.
 
 Quantized by :func:`prepare_model`: the input and weight of every ``nn.Linear`` (the classifier head
-too unless ``config.quantize_head=False``) and the attention matmul inputs q, k, softmax probabilities
-and v. Not quantized: embeddings, convolutions (patch embedding), residual adds, LayerNorm, softmax / GELU.
+too unless ``config.quantize_head=False``), the attention matmul inputs q, k, softmax probabilities
+and v, and the weight of a vision model's patch-embedding convolution (``quantize_patch_embed``; its
+input stays float unless a method quantizes it). Not quantized: token / position embeddings, other
+convolutions, residual adds, LayerNorm, softmax / GELU.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from torch import nn
 from s2d.models import head_names
 from s2d.quant.attention import AttentionQuantizers, attention_modules, install_attention
 from s2d.quant.config import QuantConfig
+from s2d.quant.conv import QuantPatchConv, is_patch_conv
 from s2d.quant.linear import QuantLinear
 from s2d.quant.quantizers import Quantizer, UniformQuantizer
 
@@ -24,7 +27,8 @@ __all__ = ["ROLES", "TOKEN_DIMS", "prepare_model", "named_quantizers", "quantize
 
 logger = logging.getLogger(__name__)
 
-# role of a quantizer by where it sits: QuantLinear input / weight, AttentionQuantizers part, else "other"
+# role of a quantizer by where it sits: QuantLinear / QuantPatchConv input / weight, AttentionQuantizers
+# part, else "other"
 _LINEAR_ROLES = (("input_quantizer", "input"), ("weight_quantizer", "weight"))
 _ATTN_ROLES = (("q", "attn_q"), ("k", "attn_k"), ("probs", "attn_probs"), ("v", "attn_v"))
 ROLES = tuple(r for _, r in _LINEAR_ROLES + _ATTN_ROLES) + ("other",)
@@ -38,7 +42,8 @@ def _matches(name: str, patterns: Iterable[str]) -> bool:
 
 
 def prepare_model(model: nn.Module, spec: QuantConfig) -> nn.Module:
-    """Insert (uncalibrated) fake quantizers in place: Linears -> QuantLinear, attention -> AttentionQuantizers.
+    """Insert (uncalibrated) fake quantizers in place: Linears -> QuantLinear, attention -> AttentionQuantizers,
+    patch-embedding convolutions -> QuantPatchConv (weight only).
 
     HF attention modules are routed through the registered ``"s2d_quant"`` attention function; MPNet and
     timm attention modules get a quantizing forward (see ``s2d.quant.attention``). Returns ``model``.
@@ -50,6 +55,12 @@ def prepare_model(model: nn.Module, spec: QuantConfig) -> nn.Module:
             continue
         QuantLinear.from_linear(m, spec.act_quantizer(-1), spec.weight_quantizer())
         n_lin += 1
+    n_conv = 0
+    if spec.quantize_patch_embed:
+        for name, m in list(model.named_modules()):
+            if is_patch_conv(m) and not _matches(name, spec.skip):
+                QuantPatchConv.from_conv(m, spec.weight_quantizer())
+                n_conv += 1
     routes = {}
     if spec.quantize_attention:
         routes = {n: r for n, r in attention_modules(model).items() if not _matches(n, spec.skip)}
@@ -61,7 +72,8 @@ def prepare_model(model: nn.Module, spec: QuantConfig) -> nn.Module:
                                        percentile=spec.percentile),
                 v=spec.act_quantizer(1))
         install_attention(model, routes)
-    logger.info("prepared %s: %d QuantLinear, %d attention modules", spec.name, n_lin, len(routes))
+    logger.info("prepared %s: %d QuantLinear, %d attention modules, %d patch convolutions", spec.name, n_lin,
+                len(routes), n_conv)
     return model
 
 
@@ -71,13 +83,13 @@ def named_quantizers(model: nn.Module) -> dict[str, Quantizer]:
 
 
 def quantizer_roles(model: nn.Module) -> dict[str, str]:
-    """Every quantizer's name -> role, from where it is attached: a QuantLinear's ``input_quantizer`` /
-    ``weight_quantizer`` -> "input" / "weight"; an AttentionQuantizers' q / k / probs / v -> "attn_q" /
+    """Every quantizer's name -> role, from where it is attached: a QuantLinear's (or QuantPatchConv's)
+    ``input_quantizer`` / ``weight_quantizer`` -> "input" / "weight"; an AttentionQuantizers' q / k / probs / v -> "attn_q" /
     "attn_k" / "attn_probs" / "attn_v"; any other Quantizer (e.g. one wrapped inside RepQ's
     ``ChannelAffineInput``) -> "other". Same keys and order as :func:`named_quantizers`."""
     role_of: dict[int, str] = {}
     for m in model.modules():
-        if isinstance(m, QuantLinear):
+        if isinstance(m, (QuantLinear, QuantPatchConv)):
             attrs = _LINEAR_ROLES
         elif isinstance(m, AttentionQuantizers):
             attrs = _ATTN_ROLES

@@ -2,7 +2,8 @@
 
 - calibration batches: drop labels, keep the first samples, split into sub-batches;
 - capture of module inputs (or quantizer inputs) as token matrices (N, C), padding tokens dropped when
-  the batch has an ``attention_mask`` of matching shape, randomly subsampled to a token budget;
+  the batch has an ``attention_mask`` of matching shape, randomly subsampled to a token budget; a
+  patch-embedding convolution's input as patch rows (N, C·kh·kw);
 - the groups of Linears that share one input, in forward order (q/k/v, out-proj, fc1 [+gate], fc2,
   then every other Linear such as pooler and classifier head);
 - RepQ-style range search: clipping candidates from quantiles, the one with the lowest MSE per row.
@@ -17,12 +18,14 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from s2d.models import BlockInfo, blocks
+from s2d.quant.conv import QuantPatchConv, patch_rows
 from s2d.quant.primitives import best_clipping
 from s2d.utils import real_tokens
 
 __all__ = [
     "StopForward", "model_inputs", "take_samples", "sub_batches", "subsample", "require_blocks", "LinearGroup",
-    "linear_groups", "token_rows", "TokenCapture", "forward_batches", "capture_inputs", "quantile_mse_range",
+    "linear_groups", "token_rows", "TokenCapture", "forward_batches", "capture_inputs", "capture_patch_inputs",
+    "quant_patch_convs", "quantile_mse_range",
 ]
 
 
@@ -204,6 +207,30 @@ def capture_inputs(model: nn.Module, modules: dict[str, nn.Module], batches: lis
     finally:
         cap.remove()
     return {n: subsample(cap.cat(n), max_tokens, generator) for n in modules}
+
+
+def quant_patch_convs(model: nn.Module) -> dict[str, QuantPatchConv]:
+    """The model's quantized patch-embedding convolutions by name (``prepare_model`` made them)."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantPatchConv)}
+
+
+def capture_patch_inputs(model: nn.Module, conv: QuantPatchConv, batches: list[dict], max_rows: int | None,
+                         generator: torch.Generator) -> Tensor:
+    """The convolution's input over ``batches`` as patch rows (N, C·kh·kw) (:func:`s2d.quant.conv.patch_rows`),
+    float32, N <= max_rows (random subset); each forward pass stops at the convolution."""
+    rows: list[Tensor] = []
+
+    def hook(module: nn.Module, args: tuple) -> None:
+        rows.append(patch_rows(args[0].detach().float(), module))
+        raise StopForward
+
+    handle = conv.register_forward_pre_hook(hook)
+    try:
+        for _ in forward_batches(model, batches):
+            pass
+    finally:
+        handle.remove()
+    return subsample(torch.cat(rows), max_rows, generator)
 
 
 # ----------------------------------------------------------------------------- range search

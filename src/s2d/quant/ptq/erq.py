@@ -21,6 +21,9 @@ of the official TPAMI code (``zysxmu/ERQ``, ``test_quant_expand.py``; docs/quant
    The final weight lies exactly on the weight quantizer's grid. ``rtn_fallback`` (off; not in the
    paper or the code) keeps RTN for a layer whose output error ends above RTN's.
 
+3. Before them, the patch embedding of a vision model (:func:`erq_patch_conv`): weight grid, then Wqer
+   on the float image patches without rounding refinement, λ = ``patch_wqer_lambda``, as the code.
+
 λ is absolute (not rescaled with the number of tokens) and columns are taken in index order, as in
 the code.
 """
@@ -38,7 +41,10 @@ from s2d.quant.api import register_method
 from s2d.quant.config import QuantConfig
 from s2d.quant.linear import QuantLinear
 from s2d.quant.prepare import named_quantizers, set_quantization
-from s2d.quant.ptq.common import LinearGroup, capture_inputs, linear_groups, quantile_mse_range
+from s2d.quant.conv import QuantPatchConv
+from s2d.quant.ptq.common import (
+    LinearGroup, capture_inputs, capture_patch_inputs, linear_groups, quant_patch_convs, quantile_mse_range,
+)
 from s2d.quant.ptq.erq_math import RowGrid, aqer, wqer
 from s2d.quant.ptq.repq import RepQConfig, input_quantizer, repq_calibrate, set_weight_range
 from s2d.quant.quantizers import Quantizer
@@ -48,7 +54,7 @@ from s2d.utils import eval_mode
 logger = logging.getLogger(__name__)
 
 __all__ = ["CACHES", "TWO_PART_ROLES", "WEIGHT_QUANTILES", "ERQConfig", "erq", "erq_group", "erq_linear",
-           "calibrate_weight"]
+           "erq_patch_conv", "calibrate_weight"]
 
 
 CACHES = ("float", "progressive")  # where ERQ's layer inputs X come from (ERQConfig.cache)
@@ -64,6 +70,8 @@ class ERQConfig:
     #                                 not rescaled by the token count)
     wqer_lambda: float = 2e3        # Wqer ridge strength λ_w, > 0 (official 0.1·coe for every layer)
     head_aqer_lambda: float = 0.1   # Aqer λ for a Linear whose input is 2-D (one row per sample: the head), > 0
+    patch_wqer_lambda: float = 2e4  # Wqer λ of the patch embedding, > 0 (official 0.1·coe·10; there the code runs
+    #                                 no Aqer and no rounding refinement, and its input stays float)
     max_flips: int = 100            # rounding-refinement flips per row, >= 0 (0 = round to nearest)
     row_group: int = 500            # weight rows refined together (bounds memory), >= 1
     use_aqer: bool = True           # run Aqer (False: ablation)
@@ -81,7 +89,7 @@ class ERQConfig:
     seed: int = 0                   # seed of the token subsampling (RepQ step: seed, ERQ step: seed + 1)
 
     def __post_init__(self) -> None:
-        for f in ("aqer_lambda", "wqer_lambda", "head_aqer_lambda"):
+        for f in ("aqer_lambda", "wqer_lambda", "head_aqer_lambda", "patch_wqer_lambda"):
             if not getattr(self, f) > 0:
                 raise ValueError(f"ERQConfig.{f} must be > 0, got {getattr(self, f)!r}")
         if not isinstance(self.max_flips, int) or self.max_flips < 0:
@@ -98,7 +106,7 @@ class ERQConfig:
     def repq_config(self) -> RepQConfig:
         """The RepQ-ViT settings of step 1."""
         return RepQConfig(quantiles=self.quantiles, num_samples=self.num_samples, max_tokens=self.max_tokens,
-                          seed=self.seed, w_symmetric=self.w_symmetric)
+                          seed=self.seed, w_symmetric=self.w_symmetric, patch_input_bits=None)
 
 
 @dataclass
@@ -270,6 +278,8 @@ def erq(model: nn.Module, spec: QuantConfig, calib: Iterable[dict] | None, confi
     if config.two_part:
         _install_two_part(mods, groups, spec, config)
     with eval_mode(model), torch.no_grad():
+        for conv in quant_patch_convs(model).values():
+            erq_patch_conv(conv, capture_patch_inputs(model, conv, batches, config.max_tokens, gen), config)
         firsts = [g.names[0] for g in groups]
         ndims = _input_ndims(model, mods, firsts, batches[0])
         cached = _float_inputs(model, mods, firsts, batches, config, gen) if config.cache == "float" else {}
@@ -281,6 +291,22 @@ def erq(model: nn.Module, spec: QuantConfig, calib: Iterable[dict] | None, confi
             for n, stats in zip(g.names, erq_group([mods[n] for n in g.names], x_raw, config, aqer_lambda=lam)):
                 logger.debug("erq %s: output mse %.3g (rtn) -> %.3g", n, stats["mse_rtn"], stats["mse_erq"])
             del x_raw
+
+
+@torch.no_grad()
+def erq_patch_conv(conv: QuantPatchConv, patches: torch.Tensor, config: ERQConfig) -> None:
+    """ERQ on the patch embedding as the official code runs it: the weight grid by the clipping search, then
+    Wqer with round-to-nearest (no refinement) and λ = ``patch_wqer_lambda`` on the float input patches
+    (N, C·kh·kw); no Aqer (the input is not quantized). Weight and bias updated in place."""
+    set_weight_range(conv, config.w_quantiles)
+    if not config.use_wqer:
+        return
+    grid = _weight_grid(conv.weight_quantizer, conv.weight_2d().shape)
+    w, b = wqer(conv.weight_2d().detach(), patches, grid, config.patch_wqer_lambda, refine=False,
+                bias=conv.bias)
+    conv.weight.copy_(w.reshape(conv.weight.shape))
+    if conv.bias is not None:
+        conv.bias.copy_(b)
 
 
 def _install_two_part(mods: dict[str, nn.Module], groups: list[LinearGroup], spec: QuantConfig,

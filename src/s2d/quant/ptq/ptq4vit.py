@@ -7,9 +7,12 @@ Quantizers (all symmetric with the full signed codes [−2^(b−1), 2^(b−1)−
   positives with a searched step);
 - attention matmul inputs q, k, v: uniform with one scale per head (``per_head``, else per tensor);
   post-softmax probabilities: twin uniform, "softmax" mode (searched power-of-two threshold).
+- the patch embedding of a vision model: weight symmetric per output channel, input float (the
+  official channel-wise conv with ``a_bit=32``).
 Initial scales Δ = max|x| / (2^(b−1) − 0.5) (twin quantizers: their own MSE initialisation).
 
-Hessian-guided scale search, block by block in forward order, on ``num_samples`` calibration samples:
+Hessian-guided scale search, the patch embedding's weight first (per channel, on its output), then block
+by block in forward order, on ``num_samples`` calibration samples:
 1. the float inputs of the block's Linears / attention quantizers are recorded (quantizers off);
 2. a backward pass of KL(p_fp ‖ p_q) — p_q the predictions of the model quantized with the current
    scales — in sub-batches of ``sub_batch`` samples gives g = ∂KL/∂O at every Linear output O (and
@@ -42,14 +45,15 @@ from s2d.models import BlockInfo
 from s2d.quant.api import register_method
 from s2d.quant.calibration import calibrate
 from s2d.quant.config import QuantConfig
+from s2d.quant.conv import QuantPatchConv, output_rows, patch_rows
 from s2d.quant.linear import QuantLinear
 from s2d.quant.nonuniform import TwinUniformQuantizer
 from s2d.quant.prepare import set_quantization
 from s2d.quant.ptq.common import (
-    LinearGroup, TokenCapture, forward_batches, linear_groups, require_blocks, sub_batches, subsample,
-    take_samples, token_rows,
+    LinearGroup, TokenCapture, forward_batches, linear_groups, quant_patch_convs, require_blocks, sub_batches,
+    subsample, take_samples, token_rows,
 )
-from s2d.quant.ptq.ptq4vit_math import chunk_size, search_scale, sym_fq, twin_gelu_fq, twin_softmax_fq
+from s2d.quant.ptq.ptq4vit_search import search_attn_quantizer, search_layer, set_sym
 from s2d.quant.quantizers import Quantizer, UniformQuantizer
 from s2d.utils import eval_mode, to_device
 
@@ -92,30 +96,6 @@ class PTQ4ViTConfig:
         return [self.alpha + i * (self.beta - self.alpha) / n for i in range(n + 1)]
 
 
-# ----------------------------------------------------------------------------- quantizer parameters
-
-def _set_sym(q: UniformQuantizer, scale: Tensor) -> None:
-    """Symmetric uniform quantizer with step ``scale`` (scalar or one per row)."""
-    s = scale.reshape(-1).float()
-    q.set_range(-s * q.qmax, s * q.qmax)
-
-
-def _get_param(q: Quantizer) -> Tensor:
-    if isinstance(q, TwinUniformQuantizer):
-        return (q.threshold if q.mode == "softmax" else q.pos_step).reshape(1).clone()
-    return q.scale.reshape(-1).clone()
-
-
-def _set_param(q: Quantizer, p: Tensor) -> None:
-    if isinstance(q, TwinUniformQuantizer):
-        if q.mode == "softmax":
-            q.threshold = p.reshape(()).clone()
-        else:
-            q.pos_step = p.reshape(()).clone()
-    else:
-        _set_sym(q, p)
-
-
 def _weight_groups(lin: QuantLinear, group: LinearGroup) -> int:
     """Weight scales of a Linear: 3 (one per q / k / v row block) for a fused qkv Linear, else 1. Separate
     q, k, v Linears (Hugging Face) get one scale each, as the official code's fused qkv does per block."""
@@ -125,6 +105,8 @@ def _weight_groups(lin: QuantLinear, group: LinearGroup) -> int:
 
 def _install_quantizers(model: nn.Module, spec: QuantConfig, groups: list[LinearGroup], cfg: PTQ4ViTConfig) -> None:
     mods = dict(model.named_modules())
+    for conv in quant_patch_convs(model).values():  # the official channel-wise conv, float input
+        conv.weight_quantizer = UniformQuantizer(spec.w_bits, True, "channel", axis=0, narrow=False)
     fc2 = {n for g in groups if g.role == "fc2" for n in g.names}
     for g in groups:
         for n in g.names:
@@ -152,25 +134,17 @@ def _init_scales(model: nn.Module, groups: list[LinearGroup]) -> None:
     for q in mods.values():
         if isinstance(q, UniformQuantizer) and q.symmetric and q.calibrated:
             top = torch.maximum(q.lo.abs(), q.hi.abs())
-            _set_sym(q, top / (q.qmax + 0.5))
+            set_sym(q, top / (q.qmax + 0.5))
     for g in groups:
         for n in g.names:
             lin = mods[n]
             if isinstance(lin, QuantLinear) and _weight_groups(lin, g) == 3:
                 w = lin.weight.detach().reshape(3, -1)
                 s = (w.abs().amax(1) / (lin.weight_quantizer.qmax + 0.5)).repeat_interleave(lin.out_features // 3)
-                _set_sym(lin.weight_quantizer, s)
+                set_sym(lin.weight_quantizer, s)
 
 
 # ----------------------------------------------------------------------------- search
-
-def _act_fq(q: Quantizer, x: Tensor, p: Tensor) -> Tensor:
-    """Input quantizer ``q`` applied to x (N, n) with candidate parameters p (K,) -> (K, N, n)."""
-    p = p.reshape(-1, 1, 1).to(x)
-    if isinstance(q, TwinUniformQuantizer):
-        return twin_gelu_fq(x[None], q.neg_step.to(x), p, q.levels)
-    return sym_fq(x[None], p, q.qmax, q.qmin)
-
 
 @torch.no_grad()
 def _search_linear(lin: QuantLinear, n_groups: int, x: Tensor, g: Tensor | None, cfg: PTQ4ViTConfig) -> dict:
@@ -179,73 +153,38 @@ def _search_linear(lin: QuantLinear, n_groups: int, x: Tensor, g: Tensor | None,
     Weight steps: one per group of output rows (n_groups = 3 for a fused qkv). Returns the Hessian
     distance before (initial scales) and after the search.
     """
-    w = lin.weight.detach().float()
-    b = 0 if lin.bias is None else lin.bias.detach().float()
-    o_fp = x @ w.T + b
-    wq, aq = lin.weight_quantizer, lin.input_quantizer
-    m, per = w.shape[0], w.shape[0] // n_groups
-    wg = w.reshape(n_groups, per, -1)
-    chunk = chunk_size(x.shape[0] * max(w.shape))
-
-    def dist(o_q: Tensor) -> Tensor:  # (K, N, m) -> (K, m)
-        d = o_fp[None] - o_q
-        d = d if g is None else d * g[None]
-        return d.pow(2).mean(1)
-
-    def w_obj(cands: Tensor) -> Tensor:  # (K, G) -> (K, G)
-        qw = sym_fq(wg[None], cands[:, :, None, None], wq.qmax, wq.qmin).reshape(cands.shape[0], m, -1)
-        return dist(xq @ qw.transpose(1, 2) + b).reshape(-1, n_groups, per).mean(2)
-
-    def a_obj(cands: Tensor) -> Tensor:  # (K, 1) -> (K, 1)
-        return dist(_act_fq(aq, x, cands) @ qw_best.T + b).mean(1, keepdim=True)
-
-    w_cur = _get_param(wq)[::per].clone()
-    a_cur = _get_param(aq).clone()
-    w_init, a_init = w_cur.clone(), a_cur.clone()
-    first = last = None
-    for _ in range(cfg.rounds):
-        xq = _act_fq(aq, x, a_cur)[0]
-        w_cur, w_val = search_scale(w_obj, w_init, w_cur, cfg.factors(), chunk)
-        qw_best = sym_fq(wg, w_cur[:, None, None], wq.qmax, wq.qmin).reshape(m, -1)
-        if first is None:
-            first = float(w_obj(w_init[None]).mean())
-        a_cur, a_val = search_scale(a_obj, a_init, a_cur, cfg.factors(), chunk)
-        last = float(a_val.mean())
-    _set_sym(wq, w_cur.repeat_interleave(per) if n_groups > 1 else w_cur)
-    _set_param(aq, a_cur)
-    return {"initial": first, "final": last}
+    b = None if lin.bias is None else lin.bias.detach().float()
+    return search_layer(lin.weight.detach().float(), b, lin.weight_quantizer, lin.input_quantizer, n_groups, x, g,
+                        cfg.factors(), cfg.rounds)
 
 
-@torch.no_grad()
-def _search_attn_quantizer(q: Quantizer, x: Tensor, g: Tensor | None, cfg: PTQ4ViTConfig) -> None:
-    """Input-space Hessian-guided search for an attention quantizer; x, g: (B, H, T, D|T)."""
-    if isinstance(q, TwinUniformQuantizer):  # softmax threshold over powers of two
-        xf = x.reshape(-1)
-        gf = None if g is None else g.reshape(-1)
+def _search_patch_conv(model: nn.Module, conv: QuantPatchConv, batches: list[dict], logits_fp: list[Tensor],
+                       cfg: PTQ4ViTConfig, gen: torch.Generator) -> dict:
+    """The patch embedding's weight: one step per output channel (the official channel-wise conv), searched
+    on the image patches (its input is the image whatever else is quantized) with g = ∂KL/∂O at its
+    output; the input stays float."""
+    grads: list[Tensor] = []
+    out: dict[str, Tensor] = {}
 
-        def obj(c: Tensor) -> Tensor:  # (K, 1)
-            d = xf[None] - twin_softmax_fq(xf[None], c.reshape(-1, 1), q.levels)
-            d = d if gf is None else d * gf[None]
-            return d.pow(2).mean(1, keepdim=True)
+    def keep(mod: nn.Module, args: tuple, y: Tensor) -> Tensor:
+        out["y"] = y if y.requires_grad else y.detach().requires_grad_(True)
+        return out["y"]
 
-        cands = [2.0 ** -k for k in range(cfg.softmax_k_max + 1)]
-        best, _ = search_scale(obj, torch.ones(1), _get_param(q), cands, chunk_size(xf.numel()))
-        _set_param(q, best)
-        return
-    if not q.symmetric:  # uniform probs (twin_softmax=False): keep the min-max range
-        return
-    per_head = q.granularity == "channel"
-    xh = x.transpose(0, 1).reshape(x.shape[1], -1) if per_head else x.reshape(1, -1)
-    gh = None if g is None else (g.transpose(0, 1).reshape(g.shape[1], -1) if per_head else g.reshape(1, -1))
-
-    def obj(c: Tensor) -> Tensor:  # (K, H) -> (K, H)
-        d = xh[None] - sym_fq(xh[None], c[:, :, None], q.qmax, q.qmin)
-        d = d if gh is None else d * gh[None]
-        return d.pow(2).mean(2)
-
-    init = _get_param(q)
-    best, _ = search_scale(obj, init, init, cfg.factors(), chunk_size(xh.numel()))
-    _set_sym(q, best)
+    handle = conv.register_forward_hook(keep)
+    inputs: list[Tensor] = []
+    record = conv.register_forward_pre_hook(lambda mod, a: inputs.append(patch_rows(a[0].detach().float(), mod)))
+    try:
+        for i, (_, o) in enumerate(forward_batches(model, batches, grad=True)):
+            (gr,) = torch.autograd.grad(_kl(_logits(o, model), logits_fp[i]), [out["y"]])
+            grads.append(output_rows(gr).float())
+    finally:
+        handle.remove()
+        record.remove()
+    x, g = torch.cat(inputs), torch.cat(grads)
+    idx = subsample(torch.arange(x.shape[0]), cfg.max_tokens, gen)
+    b = None if conv.bias is None else conv.bias.detach().float()
+    return search_layer(conv.weight_2d().detach().float(), b, conv.weight_quantizer, None, conv.out_channels,
+                        x[idx], g[idx] if cfg.hessian else None, cfg.factors(), 1)
 
 
 def _kl(logits_q: Tensor, logits_fp: Tensor) -> Tensor:
@@ -326,7 +265,7 @@ def _search_block(model: nn.Module, groups: list[LinearGroup], infos: list[Block
         logger.debug("ptq4vit %s: distance %.3g -> %.3g", n, stats["initial"], stats["final"])
     for n, q in attn.items():
         x, g = torch.cat(xs_attn[n]), torch.cat(grads[n])
-        _search_attn_quantizer(q, x, g if cfg.hessian else None, cfg)
+        search_attn_quantizer(q, x, g if cfg.hessian else None, cfg.factors(), cfg.softmax_k_max)
 
 
 def check_supported(model: nn.Module, infos: list[BlockInfo], cfg: PTQ4ViTConfig) -> None:
@@ -374,6 +313,9 @@ def ptq4vit(model: nn.Module, spec: QuantConfig, calib: Iterable[dict] | None,
         set_quantization(model, False)
         logits_fp = [_logits(out, model).detach() for _, out in forward_batches(model, batches)]
         set_quantization(model, True)
+        for name, conv in quant_patch_convs(model).items():
+            stats = _search_patch_conv(model, conv, batches, logits_fp, cfg, gen)
+            logger.debug("ptq4vit %s: distance %.3g -> %.3g", name, stats["initial"], stats["final"])
         for block in tqdm(list(range(len(infos))) + [None], desc="ptq4vit blocks", disable=not progress, leave=False):
             _search_block(model, groups, infos, block, batches, logits_fp, cfg, gen)
     set_quantization(model, True)

@@ -17,6 +17,8 @@ current one are already quantized when its activations are recorded):
    the official code).
 4. Weights (after reparameterisation): uniform asymmetric per output channel with the quantile/MSE
    search, as the official code (``RepQConfig(w_symmetric=True)``: symmetric narrow codes).
+5. The patch embedding of a vision model (first, before block 0): its weight as every other weight,
+   its input (the image) per tensor at ``patch_input_bits`` = 8 bits, as the official code.
 Ranges are not widened to include 0 (the official ``init_quantization_scale``; ``include_zero=True``
 restores s2d 0.1's widening), and the candidates are the official p ∈ {0.999, 0.9999, 0.99999}.
 
@@ -36,10 +38,13 @@ from tqdm.auto import tqdm
 from s2d.models import BlockInfo
 from s2d.quant.api import register_method
 from s2d.quant.config import QuantConfig
+from s2d.quant.conv import QuantPatchConv
 from s2d.quant.linear import QuantLinear
 from s2d.quant.nonuniform import LogSqrt2Quantizer
+from s2d.quant.primitives import bits_ok
 from s2d.quant.ptq.common import (
-    LinearGroup, capture_inputs, linear_groups, quantile_mse_range, require_blocks, take_samples,
+    LinearGroup, capture_inputs, capture_patch_inputs, linear_groups, quant_patch_convs, quantile_mse_range,
+    require_blocks, take_samples,
 )
 from s2d.quant.quantizers import Quantizer, UniformQuantizer
 from s2d.quant.reparam import ChannelAffineInput, channel_affine_from_ranges, fold_into_linear, fold_into_norm
@@ -57,6 +62,10 @@ class RepQConfig:
     quantiles: tuple[float, ...] = (0.999, 0.9999, 0.99999)  # clipping candidates p in (0.5, 1], 1.0 = min-max
     #                                 (the official code's grid and order: the first wins ties)
     reparam: bool = True            # per-channel -> per-tensor reparameterisation of post-LN inputs (False: ablation)
+    log_quantile_delta: bool = True  # log-√2 Δ among the quantile(p) of the probabilities, p in ``quantiles`` (official;
+    #                                  False: max·2^(-j/8), j = 0..16, s2d 0.1)
+    patch_input_bits: int | None = 8  # bits of the patch-embedding input (the image), per tensor: the official 8
+    #                                 (None: float, as PTQ4ViT and ERQ)
     w_symmetric: bool = False       # weights: the official code's asymmetric per-channel [0, 2^b-1] with a zero point
     #                                 (True: symmetric narrow codes, s2d 0.1's default)
     include_zero: bool = False      # ranges widened to include 0 (False: the official unconstrained [q(1-p), q(p)])
@@ -72,6 +81,9 @@ class RepQConfig:
             raise ValueError(f"RepQConfig.num_samples must be an int >= 1, got {self.num_samples!r}")
         if self.max_tokens is not None and self.max_tokens < 16:
             raise ValueError(f"RepQConfig.max_tokens must be None or >= 16, got {self.max_tokens!r}")
+        if self.patch_input_bits is not None and not bits_ok(self.patch_input_bits):
+            raise ValueError(f"RepQConfig.patch_input_bits must be None or an int in [2, 16], "
+                             f"got {self.patch_input_bits!r}")
 
 
 def input_quantizer(lin: QuantLinear) -> Quantizer:
@@ -85,6 +97,13 @@ def _install_quantizers(model: nn.Module, spec: QuantConfig, cfg: RepQConfig) ->
     until their block is calibrated."""
     zero = cfg.include_zero
     for m in model.modules():
+        if isinstance(m, QuantPatchConv):
+            m.weight_quantizer = UniformQuantizer(spec.w_bits, cfg.w_symmetric, spec.w_granularity, axis=0,
+                                                  include_zero=zero)
+            m.weight_quantizer.enabled = False
+            if cfg.patch_input_bits is not None:
+                m.input_quantizer = UniformQuantizer(cfg.patch_input_bits, False, "tensor", include_zero=zero)
+                m.input_quantizer.enabled = False
         if isinstance(m, QuantLinear):
             m.input_quantizer = UniformQuantizer(spec.a_bits, False, "tensor", include_zero=zero)
             m.weight_quantizer = UniformQuantizer(spec.w_bits, cfg.w_symmetric, spec.w_granularity, axis=0,
@@ -94,16 +113,16 @@ def _install_quantizers(model: nn.Module, spec: QuantConfig, cfg: RepQConfig) ->
         if aq is not None:
             for part in ("q", "k", "v"):
                 setattr(aq, part, UniformQuantizer(spec.a_bits, False, "tensor", include_zero=zero))
-            aq.probs = LogSqrt2Quantizer(spec.a_bits, quantiles=cfg.quantiles)
+            aq.probs = LogSqrt2Quantizer(spec.a_bits, quantiles=cfg.quantiles if cfg.log_quantile_delta else None)
             for q in (aq.q, aq.k, aq.v, aq.probs):
                 q.enabled = False
 
 
-def set_weight_range(lin: QuantLinear, quantiles: tuple[float, ...]) -> None:
-    """Per-output-channel (or per-tensor) quantile/MSE range of the Linear's current weight; enables it."""
+def set_weight_range(lin: QuantLinear | QuantPatchConv, quantiles: tuple[float, ...]) -> None:
+    """Per-output-channel (or per-tensor) quantile/MSE range of the layer's current weight; enables it."""
     wq = lin.weight_quantizer
     w = lin.weight.detach().float()
-    rows = w if wq.granularity == "channel" else w.reshape(1, -1)
+    rows = w.reshape(w.shape[0], -1) if wq.granularity == "channel" else w.reshape(1, -1)
     lo, hi = quantile_mse_range(rows, wq.bits, wq.symmetric, quantiles, include_zero=wq.include_zero)
     wq.set_range(lo, hi)
     wq.enabled = True
@@ -176,6 +195,16 @@ def _calibrate_group_set(model: nn.Module, groups: list[LinearGroup], infos: lis
         attn.probs.enabled = True
 
 
+def _calibrate_patch_conv(model: nn.Module, conv: QuantPatchConv, batches: list[dict], cfg: RepQConfig,
+                          gen: torch.Generator, weights: bool) -> None:
+    """The patch embedding: its input quantizer (if any) from the image patches, its weight as any weight."""
+    if isinstance(conv.input_quantizer, Quantizer):
+        _set_tensor_range(conv.input_quantizer, capture_patch_inputs(model, conv, batches, cfg.max_tokens, gen),
+                          cfg.quantiles)
+    if weights:
+        set_weight_range(conv, cfg.quantiles)
+
+
 def repq_calibrate(model: nn.Module, spec: QuantConfig, calib: Iterable[dict] | None, config: RepQConfig,
                    progress: bool = True, weights: bool = True) -> list[dict]:
     """RepQ-ViT calibration of a prepared model, block by block. ``weights=False`` leaves the weight
@@ -190,6 +219,8 @@ def repq_calibrate(model: nn.Module, spec: QuantConfig, calib: Iterable[dict] | 
     _install_quantizers(model, spec, config)
     steps = list(range(len(infos))) + [None]
     with eval_mode(model), torch.no_grad():
+        for conv in quant_patch_convs(model).values():
+            _calibrate_patch_conv(model, conv, batches, config, gen, weights)
         for block in tqdm(steps, desc="repq blocks", disable=not progress, leave=False):
             _calibrate_group_set(model, groups, infos, block, batches, config, gen, weights)
     return batches
