@@ -191,3 +191,42 @@ def test_log_sqrt2_delta_from_quantile_candidates():
     errs = [mse(c) for c in cands]
     assert float(q.delta) == pytest.approx(cands[int(np.argmin(errs))], rel=1e-5)
     assert mse(float(q.delta)) < mse(float(x.max()))  # the quantile beats the plain maximum here
+
+
+def test_ptq4vit_matmul_search_scores_the_output_per_head():
+    """The official matmul search: A's per-head step first (B at its initial step), then B's (A at its new
+    step), each the candidate with the lowest g-weighted error of the matmul *output*; brute force with
+    per-tensor quantizer modules, head by head."""
+    from s2d.quant.ptq.ptq4vit_search import search_matmul, set_sym
+    torch.manual_seed(0)
+    a, b = torch.randn(2, 2, 6, 4), torch.randn(2, 2, 6, 4)
+    b[:, 1] *= 5
+    g = torch.rand(2, 2, 6, 6)
+    product = lambda x, y: x @ y.transpose(-1, -2)  # noqa: E731
+    # not max / 7.5: there the extreme value sits exactly half-way between two codes, where x / Δ and x · (1/Δ)
+    # may round differently
+    init = {n: x.abs().amax(dim=(0, 2, 3)) / 7.3 for n, x in (("a", a), ("b", b))}
+    qa, qb = (UniformQuantizer(4, True, "channel", axis=1, narrow=False) for _ in range(2))
+    set_sym(qa, init["a"])
+    set_sym(qb, init["b"])
+    factors = [0.4, 0.6, 0.8, 1.1]
+    search_matmul(qa, qb, a, b, g, product, factors, rounds=1, softmax_k_max=0)
+
+    def fq(x: torch.Tensor, step: float) -> torch.Tensor:
+        q = UniformQuantizer(4, True, "tensor", narrow=False)
+        q.set_range(torch.tensor([-7 * step]), torch.tensor([7 * step]))
+        return q(x)
+
+    def best(h: int, steps: list[float], err) -> float:  # first minimum wins, as the search
+        errs = [err(s) for s in steps]
+        return steps[errs.index(min(errs))]
+
+    for h in range(2):
+        ref = a[:, h] @ b[:, h].transpose(-1, -2)
+        e = lambda out: float((g[:, h] * (out - ref)).pow(2).mean())  # noqa: E731
+        steps_a = [float(init["a"][h])] + [float(init["a"][h]) * f for f in factors]
+        sa = best(h, steps_a, lambda s: e(fq(a[:, h], s) @ fq(b[:, h], float(init["b"][h])).transpose(-1, -2)))
+        steps_b = [float(init["b"][h])] + [float(init["b"][h]) * f for f in factors]
+        sb = best(h, steps_b, lambda s: e(fq(a[:, h], sa) @ fq(b[:, h], s).transpose(-1, -2)))
+        assert float(qa.scale[h]) == pytest.approx(sa, rel=1e-5)
+        assert float(qb.scale[h]) == pytest.approx(sb, rel=1e-5)

@@ -36,11 +36,16 @@ class AttentionQuantizers(nn.Module):
     """The four attention matmul-input quantizers; attached to an attention module as ``.s2d_attn_quant``.
 
     Shapes seen: q (B, H, Tq, D), k and v (B, Hkv, Tk, D) (before GQA head repetition), probs (B, H, Tq, Tk).
+    ``scores_out`` and ``context_out`` are identity hook points on the two matmul outputs, the scores
+    (B, H, Tq, Tk) before the mask and the context probs @ v (B, H, Tq, D); ``scaling`` is the softmax
+    scaling of the last forward pass (PTQ4ViT's search scores the matmul outputs).
     """
 
     def __init__(self, q: Quantizer, k: Quantizer, probs: Quantizer, v: Quantizer) -> None:
         super().__init__()
         self.q, self.k, self.probs, self.v = q, k, probs, v
+        self.scores_out, self.context_out = nn.Identity(), nn.Identity()
+        self.scaling: float | None = None
 
 
 def _apply_mask(scores: Tensor, mask: Tensor | None, key_len: int, inplace: bool = False) -> Tensor:
@@ -81,11 +86,14 @@ def quant_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value
     if aq is None:
         query = query * scaling
     else:
+        aq.scaling = scaling
         qc = _codes(aq.q, query)
         query = qc[0].mul_(qc[1] * scaling) if qc is not None else aq.q(query) * scaling
         key = aq.k(key)
     n_rep = query.shape[1] // key.shape[1]
     scores = torch.matmul(query, _repeat_kv(key, n_rep).transpose(-1, -2))
+    if aq is not None:
+        scores = aq.scores_out(scores)
     t_q, t_k = scores.shape[-2:]
     if attention_mask is None:
         is_causal = kwargs.get("is_causal")
@@ -111,6 +119,8 @@ def quant_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value
     out = torch.matmul(probs_q, _repeat_kv(value, n_rep))
     if out_scale is not None:
         out = out.mul_(out_scale)
+    if aq is not None:
+        out = aq.context_out(out)
     return out.transpose(1, 2).contiguous(), probs
 
 

@@ -16,15 +16,16 @@ by block in forward order, on ``num_samples`` calibration samples:
 1. the float inputs of the block's Linears / attention quantizers are recorded (quantizers off);
 2. a backward pass of KL(p_fp ‖ p_q) — p_q the predictions of the model quantized with the current
    scales — in sub-batches of ``sub_batch`` samples gives g = ∂KL/∂O at every Linear output O (and
-   at every attention quantizer's output);
+   at both attention matmul outputs);
 3. per Linear, ``rounds`` alternating rounds: weight scale(s) over the candidates
    Δ_w·(α + i(β−α)/n), i = 0..n, then the input scale over Δ_a·(α + i(β−α)/n), each minimising the
    Hessian-guided distance mean[(g ⊙ (O_fp − O_q))²], O_fp = X Wᵀ + b, O_q = Q_a(X) Q_w(W)ᵀ + b. The
    current scale is always a candidate, so the objective never gets worse than the initial one.
-4. attention matmul inputs: the same candidates (per head), softmax threshold over 2^0 … 2^−19, with
-   the distance taken on the quantizer's own output x instead of the matmul output:
-   mean[(g_x ⊙ (x − Q(x)))²] with g_x = ∂KL/∂Q(x) (a simplification of the paper, which measures the
-   matmul output; it keeps the search inside this project's attention function).
+4. attention matmuls, scores = (Q(q)·scaling) Q(k)ᵀ and context = Q(probs) Q(v): ``rounds`` alternating
+   rounds, A's parameter then B's (steps per head over the same candidates, the softmax threshold over
+   2^0 … 2^−19), each minimising mean[(g_O ⊙ (O_fp − O_q))²] on the matmul output O with g_O = ∂KL/∂O,
+   as the official code (``matmul_output=False``: each quantizer on its own output x,
+   mean[(g_x ⊙ (x − Q(x)))²], s2d 0.1).
 Tokens: padded tokens are dropped; at most ``max_tokens`` token rows per layer are used (CPU budget).
 Unsupported (ValueError): models without recognised transformer blocks, a gated MLP (no post-GELU
 activation) while ``twin_gelu`` is on, and outputs without ``.logits`` (the KL needs predictions).
@@ -43,6 +44,7 @@ from tqdm.auto import tqdm
 
 from s2d.models import BlockInfo
 from s2d.quant.api import register_method
+from s2d.quant.attention import AttentionQuantizers
 from s2d.quant.calibration import calibrate
 from s2d.quant.config import QuantConfig
 from s2d.quant.conv import QuantPatchConv, output_rows, patch_rows
@@ -53,7 +55,7 @@ from s2d.quant.ptq.common import (
     LinearGroup, TokenCapture, forward_batches, linear_groups, quant_patch_convs, require_blocks, sub_batches,
     subsample, take_samples, token_rows,
 )
-from s2d.quant.ptq.ptq4vit_search import search_attn_quantizer, search_layer, set_sym
+from s2d.quant.ptq.ptq4vit_search import search_attn_quantizer, search_layer, search_matmul, set_sym
 from s2d.quant.quantizers import Quantizer, UniformQuantizer
 from s2d.utils import eval_mode, to_device
 
@@ -75,6 +77,8 @@ class PTQ4ViTConfig:
     twin_gelu: bool = True         # twin-uniform post-GELU quantizer (False: plain uniform, an ablation)
     hessian: bool = True           # weight the output error by g = ∂KL/∂O (False: plain output MSE, an ablation)
     per_head: bool = True          # one scale per attention head for q, k, v (False: per tensor)
+    matmul_output: bool = True     # score q, k, probs, v on their matmul's output, alternating A and B (official;
+    #                                False: each on its own output, s2d 0.1)
     softmax_k_max: int = 19        # softmax threshold candidates 2^-k, k = 0..softmax_k_max, >= 0
     num_samples: int = 32          # calibration samples used (the first ones of calib), >= 1
     max_tokens: int | None = 2048  # token rows per layer in the search (random subset), None or >= 16
@@ -194,22 +198,27 @@ def _kl(logits_q: Tensor, logits_fp: Tensor) -> Tensor:
 
 
 def _block_targets(model: nn.Module, groups: list[LinearGroup], infos: list[BlockInfo],
-                   block: int | None) -> tuple[dict[str, QuantLinear], dict[str, Quantizer]]:
-    """The block's QuantLinears and attention quantizers ("attn.q", ...) by name."""
+                   block: int | None) -> tuple[dict[str, QuantLinear], AttentionQuantizers | None]:
+    """The block's QuantLinears by name and its attention quantizers (None outside blocks or without)."""
     mods = dict(model.named_modules())
     lin = {n: mods[n] for g in groups if g.block == block for n in g.names if isinstance(mods[n], QuantLinear)}
-    attn = {}
-    if block is not None:
-        aq = getattr(mods[infos[block].attention], "s2d_attn_quant", None)
-        if aq is not None:
-            attn = {f"attn.{p}": getattr(aq, p) for p in ("q", "k", "v", "probs")}
-    return lin, attn
+    aq = None if block is None else getattr(mods[infos[block].attention], "s2d_attn_quant", None)
+    return lin, aq
 
 
-def _record_block(model: nn.Module, lin: dict[str, QuantLinear], attn: dict[str, Quantizer], batches: list[dict],
-                  logits_fp: list[Tensor]) -> tuple[TokenCapture, dict[str, list[Tensor]], dict[str, list[Tensor]]]:
+def _attn_parts(aq: AttentionQuantizers | None) -> tuple[dict[str, Quantizer], dict[str, nn.Module]]:
+    """The attention quantizers ("attn.q", ...) and the matmul-output hook points ("attn.scores", "attn.context")."""
+    if aq is None:
+        return {}, {}
+    return ({f"attn.{p}": getattr(aq, p) for p in ("q", "k", "v", "probs")},
+            {"attn.scores": aq.scores_out, "attn.context": aq.context_out})
+
+
+def _record_block(model: nn.Module, lin: dict[str, QuantLinear], attn: dict[str, Quantizer],
+                  probes: dict[str, nn.Module], batches: list[dict], logits_fp: list[Tensor],
+                  ) -> tuple[TokenCapture, dict[str, list[Tensor]], dict[str, list[Tensor]]]:
     """Float inputs of the block's Linears (token rows) / attention quantizers (as recorded) and the KL
-    gradients at their outputs, per batch."""
+    gradients at their outputs and at the ``probes``' outputs (the attention matmuls), per batch."""
     set_quantization(model, False)
     xs_lin = TokenCapture(lin)
     xs_attn: dict[str, list[Tensor]] = {n: [] for n in attn}
@@ -223,17 +232,20 @@ def _record_block(model: nn.Module, lin: dict[str, QuantLinear], attn: dict[str,
         for h in handles:
             h.remove()
     set_quantization(model, True)
-    grads: dict[str, list[Tensor]] = {n: [] for n in (*lin, *attn)}
+    grads: dict[str, list[Tensor]] = {n: [] for n in (*lin, *attn, *probes)}
     outs: dict[str, Tensor] = {}
 
     def keep(name: str) -> Callable:
         def hook(mod: nn.Module, args: tuple, out: Tensor) -> Tensor:
-            out = out if out.requires_grad else out.detach().requires_grad_(True)
-            outs[name] = out
-            return out
+            if out.requires_grad:  # in the graph already: the gradient reaches it, nothing to cut
+                outs[name] = out
+                return out
+            outs[name] = out.detach().requires_grad_(True)
+            # a probe's output is edited in place downstream (the scores' mask): hand on a non-leaf copy
+            return outs[name].clone() if name in probes else outs[name]
         return hook
 
-    handles = [m.register_forward_hook(keep(n)) for n, m in {**lin, **attn}.items()]
+    handles = [m.register_forward_hook(keep(n)) for n, m in {**lin, **attn, **probes}.items()]
     try:
         for i, (batch, out) in enumerate(forward_batches(model, batches, grad=True)):
             names = list(outs)
@@ -250,19 +262,44 @@ def _record_block(model: nn.Module, lin: dict[str, QuantLinear], attn: dict[str,
     return xs_lin, xs_attn, grads
 
 
+def _search_attention(aq: AttentionQuantizers, xs: dict[str, Tensor], grads: dict[str, Tensor],
+                      cfg: PTQ4ViTConfig) -> None:
+    """Scores = (Q(q)·scaling) Q(k)ᵀ and context = Q(probs) Q(v), each pair searched on its matmul output."""
+    q, k = xs["attn.q"], xs["attn.k"]
+    n_rep, s = q.shape[1] // k.shape[1], aq.scaling
+
+    def rep(x: Tensor) -> Tensor:  # (K, B, Hkv, T, D) -> (K, B, H, T, D): GQA heads repeated
+        return x.repeat_interleave(n_rep, dim=2) if n_rep > 1 else x
+
+    pairs = (("q", "k", "attn.scores", lambda a, b: (a * s) @ rep(b).transpose(-1, -2)),
+             ("probs", "v", "attn.context", lambda a, b: a @ rep(b)))
+    for a, b, out, product in pairs:
+        stats = search_matmul(getattr(aq, a), getattr(aq, b), xs[f"attn.{a}"], xs[f"attn.{b}"],
+                              grads[out] if cfg.hessian else None, product, cfg.factors(), cfg.rounds,
+                              cfg.softmax_k_max)
+        logger.debug("ptq4vit %s @ %s: distance %.3g -> %.3g", a, b, stats["initial"], stats["final"])
+
+
 def _search_block(model: nn.Module, groups: list[LinearGroup], infos: list[BlockInfo], block: int | None,
                   batches: list[dict], logits_fp: list[Tensor], cfg: PTQ4ViTConfig, gen: torch.Generator) -> None:
     """Record one block (``None``: the Linears outside blocks) and search all its scales."""
-    lin, attn = _block_targets(model, groups, infos, block)
+    lin, aq = _block_targets(model, groups, infos, block)
+    attn, probes = _attn_parts(aq)
+    if not cfg.matmul_output:
+        probes = {}
     if not lin and not attn:
         return
-    xs_lin, xs_attn, grads = _record_block(model, lin, attn, batches, logits_fp)
+    xs_lin, xs_attn, grads = _record_block(model, lin, attn, probes, batches, logits_fp)
     group_of = {n: g for g in groups if g.block == block for n in g.names}
     for n, mod in lin.items():
         x, g = xs_lin.cat(n), torch.cat(grads[n])
         idx = subsample(torch.arange(x.shape[0]), cfg.max_tokens, gen)
         stats = _search_linear(mod, _weight_groups(mod, group_of[n]), x[idx], g[idx] if cfg.hessian else None, cfg)
         logger.debug("ptq4vit %s: distance %.3g -> %.3g", n, stats["initial"], stats["final"])
+    if aq is not None and cfg.matmul_output:
+        _search_attention(aq, {n: torch.cat(v) for n, v in xs_attn.items()},
+                          {n: torch.cat(grads[n]) for n in probes}, cfg)
+        return
     for n, q in attn.items():
         x, g = torch.cat(xs_attn[n]), torch.cat(grads[n])
         search_attn_quantizer(q, x, g if cfg.hessian else None, cfg.factors(), cfg.softmax_k_max)

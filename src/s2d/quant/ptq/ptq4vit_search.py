@@ -5,7 +5,7 @@ step (or softmax threshold) of an attention-matmul input quantizer. The candidat
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -14,7 +14,7 @@ from s2d.quant.nonuniform import TwinUniformQuantizer
 from s2d.quant.ptq.ptq4vit_math import chunk_size, search_scale, sym_fq, twin_gelu_fq, twin_softmax_fq
 from s2d.quant.quantizers import Quantizer, UniformQuantizer
 
-__all__ = ["set_sym", "get_param", "set_param", "act_fq", "search_layer", "search_attn_quantizer"]
+__all__ = ["set_sym", "get_param", "set_param", "act_fq", "search_layer", "search_attn_quantizer", "search_matmul"]
 
 
 def set_sym(q: UniformQuantizer, scale: Tensor) -> None:
@@ -129,3 +129,66 @@ def search_attn_quantizer(q: Quantizer, x: Tensor, g: Tensor | None, factors: Se
     init = get_param(q)
     best, _ = search_scale(obj, init, init, factors, chunk_size(xh.numel()))
     set_sym(q, best)
+
+
+# ----------------------------------------------------------------------------- attention matmuls
+
+def _cand_fq(q: Quantizer, x: Tensor, cands: Tensor) -> Tensor:
+    """x (B, H, T, X) fake-quantized by ``q`` with each candidate parameter row of ``cands`` (K, P), P the
+    quantizer's heads (per-head steps) or 1 -> (K, B, H, T, X)."""
+    if isinstance(q, TwinUniformQuantizer):  # softmax mode: the threshold
+        return twin_softmax_fq(x[None], cands.reshape(-1, 1, 1, 1, 1), q.levels)
+    return sym_fq(x[None], cands[:, None, :, None, None], q.qmax, q.qmin)
+
+
+def _searchable(q: Quantizer) -> bool:
+    """Twin-uniform softmax quantizers and symmetric uniform ones are searched (a plain asymmetric uniform
+    probs quantizer, ``twin_softmax=False``, keeps its min-max range)."""
+    return isinstance(q, TwinUniformQuantizer) or (isinstance(q, UniformQuantizer) and q.symmetric)
+
+
+def _head_mean(d2: Tensor, groups: int) -> Tensor:
+    """Squared distances (K, B, H, T, X) -> (K, groups): the mean per group of consecutive heads."""
+    per_head = d2.mean(dim=(1, 3, 4))
+    return per_head.reshape(d2.shape[0], groups, -1).mean(2)
+
+
+def search_matmul(qa: Quantizer, qb: Quantizer, a: Tensor, b: Tensor, g: Tensor | None,
+                  product: Callable[[Tensor, Tensor], Tensor], factors: Sequence[float], rounds: int,
+                  softmax_k_max: int) -> dict:
+    """PTQ4ViT's search for the two inputs of an attention matmul O = product(Q_a(A), Q_b(B)), scored on
+    its output as the official code: ``rounds`` alternating rounds, A's parameter then B's, each over its
+    candidates (steps Δ_init·f, f in ``factors``, per head; a softmax threshold over 2^-k, k =
+    0..softmax_k_max) minimising mean[(g ⊙ (O_fp − O_q))²] per head, O_fp = product(A, B) on the float
+    inputs a, b (B, H|Hkv, T, ·); g (B, H, T, ·) = ∂KL/∂O (None: plain MSE). ``product`` maps candidate
+    stacks (K, ...) to outputs (K, B, H, T, ·). Returns the distance before and after."""
+    out_fp = product(a[None], b[None])[0]
+    chunk = chunk_size(2 * max(out_fp.numel(), a.numel(), b.numel()))
+
+    def current(q: Quantizer, x: Tensor) -> Tensor:  # (1, B, H, T, X) with the current parameter
+        return _cand_fq(q, x, get_param(q)[None]) if _searchable(q) else q(x)[None]
+
+    def distance(out_q: Tensor, groups: int) -> Tensor:  # (K, B, H, T, X) -> (K, groups)
+        d = out_q - out_fp[None]
+        return _head_mean((d if g is None else d * g[None]).pow(2), groups)
+
+    inits = {id(q): get_param(q) for q in (qa, qb) if _searchable(q)}
+    first = float(distance(product(current(qa, a), current(qb, b)), 1).mean())
+    for _ in range(rounds):
+        for q in (qa, qb):
+            if not _searchable(q):
+                continue
+            if q is qa:
+                b_q = current(qb, b)
+                obj = lambda c: distance(product(_cand_fq(qa, a, c), b_q), c.shape[1])  # noqa: E731
+            else:
+                a_q = current(qa, a)
+                obj = lambda c: distance(product(a_q, _cand_fq(qb, b, c)), c.shape[1])  # noqa: E731
+            if isinstance(q, TwinUniformQuantizer):  # the softmax threshold over powers of two
+                init, cands = torch.ones(1), [2.0 ** -k for k in range(softmax_k_max + 1)]
+            else:
+                init, cands = inits[id(q)], list(factors)
+            best, _ = search_scale(obj, init, get_param(q), cands, chunk)
+            set_param(q, best)
+    last = float(distance(product(current(qa, a), current(qb, b)), 1).mean())
+    return {"initial": first, "final": last}
