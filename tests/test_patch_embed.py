@@ -101,3 +101,15 @@ def test_every_method_quantizes_the_patch_embedding(method):
     with torch.no_grad():
         deployed = conv.weight_quantizer(conv.weight)
     assert len(torch.unique(deployed[0])) <= 16 < len(torch.unique(w_float[0]))
+
+
+def test_erq_patch_conv_without_bias():
+    """CLIP's patch embedding has no bias: Wqer then compensates the weight columns only."""
+    conv = QuantPatchConv.from_conv(torch.nn.Conv2d(3, 8, kernel_size=4, stride=4, bias=False),
+                                    UniformQuantizer(4, False, "channel", axis=0, include_zero=False))
+    x = F.interpolate(torch.randn(16, 3, 6, 6, generator=torch.Generator().manual_seed(2)), size=16, mode="bilinear")
+    erq_patch_conv(conv, patch_rows(x, conv), ERQConfig(patch_wqer_lambda=1.0))
+    assert conv.bias is None
+    wq = conv.weight_quantizer
+    codes = conv.weight.reshape(8, -1) / wq.scale[:, None] + wq.zero_point[:, None]
+    torch.testing.assert_close(codes, codes.round(), atol=1e-3, rtol=0)

@@ -302,10 +302,10 @@ def erq_patch_conv(conv: QuantPatchConv, patches: torch.Tensor, config: ERQConfi
     if not config.use_wqer:
         return
     grid = _weight_grid(conv.weight_quantizer, conv.weight_2d().shape)
-    w, b = wqer(conv.weight_2d().detach(), patches, grid, config.patch_wqer_lambda, refine=False,
-                bias=conv.bias)
+    out = wqer(conv.weight_2d().detach(), patches, grid, config.patch_wqer_lambda, refine=False, bias=conv.bias)
+    w, b = out if conv.bias is not None else (out, None)
     conv.weight.copy_(w.reshape(conv.weight.shape))
-    if conv.bias is not None:
+    if b is not None:
         conv.bias.copy_(b)
 
 
