@@ -281,9 +281,9 @@ def test_w4a4_methods_vs_rtn_on_minilm():
         kl[label] = float(_kl(out, ref)) / len(y_val)
     print("W4A4 accuracy:", acc, "mean KL to float:", kl)
     assert acc["float"] > 0.6, acc
-    # ERQ with the official float cache (X̃ = Q_a(X_fp)) measured 0.397 here, above RTN's 0.373: each layer
+    # ERQ with the official float cache (X̃ = Q_a(X_fp)) measured 0.384 here, above RTN's 0.373: each layer
     # corrects its own error only; the progressive cache also absorbs the error of the layers before it.
     for label in ("repq", "erq-progressive"):
         assert kl[label] < kl["rtn"], (kl, acc)
-    if kl["ptq4vit"] >= kl["rtn"]:  # measured: KL 0.53 vs RTN's 0.37 (per-tensor weights, as the paper)
+    if kl["ptq4vit"] >= kl["rtn"]:  # measured: KL 0.41 vs RTN's 0.37 (per-tensor weights, as the paper)
         pytest.xfail(f"PTQ4ViT collapses at W4A4, as in the literature (RepQ-ViT's rerun: DeiT-S 34%): {kl}")
