@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["is_patch_conv", "patch_convs", "patch_rows", "output_rows", "QuantPatchConv"]
+__all__ = ["is_patch_conv", "patch_rows", "output_rows", "QuantPatchConv"]
 
 
 def is_patch_conv(m: nn.Module) -> bool:
@@ -23,11 +23,6 @@ def is_patch_conv(m: nn.Module) -> bool:
     padding, no dilation, one group."""
     return (type(m) is nn.Conv2d and tuple(m.kernel_size) == tuple(m.stride) and m.padding in ((0, 0), "valid")
             and tuple(m.dilation) == (1, 1) and m.groups == 1)
-
-
-def patch_convs(model: nn.Module) -> dict[str, nn.Conv2d]:
-    """Every patch-embedding convolution of ``model`` by module name (plain or already quantized)."""
-    return {n: m for n, m in model.named_modules() if is_patch_conv(m) or isinstance(m, QuantPatchConv)}
 
 
 def patch_rows(x: Tensor, conv: nn.Conv2d) -> Tensor:
