@@ -27,6 +27,7 @@ LAYERS = [
     ("s2d.collate",),
     ("s2d.data", "s2d.probes"),
     ("s2d.quant",),
+    ("s2d.deploy",),                # ONNX export and ONNX Runtime: lowers quant's quantizers
     ("s2d.train",),
     ("s2d.pipeline",),
     ("s2d.__main__",),

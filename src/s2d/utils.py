@@ -5,6 +5,7 @@ Depends on the standard library and torch only, so every layer of the package ma
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import tempfile
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-__all__ = ["atomic_write", "write_text", "write_json", "save_torch", "to_device", "eval_mode", "jsonable",
+__all__ = ["atomic_write", "write_text", "write_json", "save_torch", "to_device", "model_device", "eval_mode", "jsonable",
            "token_mask", "real_tokens"]
 
 
@@ -75,6 +76,13 @@ def real_tokens(t: Tensor, mask: Tensor | None) -> Tensor:
     if mask is None or t.dim() < 3 or tuple(t.shape[:2]) != tuple(mask.shape):
         return t
     return t[mask.to(t.device)]
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of ``model``'s first parameter (or buffer); CPU for a module with neither (e.g. an
+    ONNX Runtime session behind the module interface)."""
+    first = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return first.device if first is not None else torch.device("cpu")
 
 
 @contextmanager

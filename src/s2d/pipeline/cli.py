@@ -19,6 +19,8 @@ from safetensors.torch import save_model
 from s2d import assets
 from s2d.data import calibration_batches
 from s2d.pipeline.conditioning import add_condition
+from s2d.deploy import read_sidecar
+from s2d.pipeline.deployment import add_export, evaluate_onnx
 from s2d.pipeline.experiment import ptq_cell, run_experiment
 from s2d.pipeline.inspection import add_inspect, cli_task
 from s2d.pipeline.parse import load_config
@@ -85,6 +87,9 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                    help="experiment TOML (default: the embedded MiniLM-L6 / Rotten Tomatoes config)")
     p.add_argument("--out", default=None, help="run directory (default runs/<config name>[-quick])")
     p.add_argument("--quick", action="store_true", help="smoke version: the config's [quick] overrides")
+    p.add_argument("--deploy", action="store_true",
+                   help="also export each float arm's best W8A8 cell to ONNX and score and time it on ONNX Runtime's "
+                        "integer kernels: the report's 'deployed (int8)' table ([deploy] int8 = true; --quick: off)")
     p.add_argument("--seeds", default=None, metavar="S,S,...",
                    help="training seeds, e.g. 0,1,2 (replaces the config's seeds; results are kept per seed, so "
                         "a finished run can be extended with more seeds in the same --out)")
@@ -105,7 +110,8 @@ def _parse_seeds(text: str | None) -> list[int] | None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, quick=args.quick, seeds=_parse_seeds(args.seeds))   # validated before anything runs
+    # validated before anything runs
+    cfg = load_config(args.config, quick=args.quick, seeds=_parse_seeds(args.seeds), deploy=args.deploy)
     out = args.out or f"runs/{cfg.name}{'-quick' if args.quick else ''}"
     result = run_experiment(cfg, out, progress=not args.no_progress)
     if PartialState().is_main_process:       # several processes (accelerate launch): one report
@@ -225,10 +231,12 @@ def _scores(outcomes: Outcomes) -> dict[str, float]:
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("evaluate", help="test accuracy of a model on a dataset",
-                       description="Top-1 accuracy of MODEL on the test split of --data.")
-    p.add_argument("model")
-    p.add_argument("--data", required=True)
+    p = sub.add_parser("evaluate", help="test accuracy of a model (or an exported .onnx file) on a dataset",
+                       description="Top-1 accuracy of MODEL on the test split of --data. MODEL may be a .onnx file "
+                                   "written by `s2d export`: it runs in ONNX Runtime, with the tokenizer / image "
+                                   "preprocessing and (without --data) the dataset named in its .s2d.json sidecar.")
+    p.add_argument("model", help="s2d asset name, local Hugging Face directory, or an exported .onnx file")
+    p.add_argument("--data", default=None, help="dataset asset or path (required unless MODEL is a .onnx file)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--limit-eval", type=int, default=None)
@@ -237,11 +245,18 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    bundle, loaders = cli_task(args.model, args.data, max_length=args.max_length, batch_size=args.batch_size,
-                            limit_eval=args.limit_eval)
-    scores = _scores(evaluate_outcomes(bundle.model, loaders.test, progress=not args.no_progress))
+    if args.model.endswith(".onnx"):
+        outcomes = evaluate_onnx(args.model, args.data, args.batch_size, args.limit_eval, not args.no_progress)
+    elif args.data is None:
+        raise ValueError("--data is required (only an exported .onnx file names its own dataset)")
+    else:
+        bundle, loaders = cli_task(args.model, args.data, max_length=args.max_length, batch_size=args.batch_size,
+                                   limit_eval=args.limit_eval)
+        outcomes = evaluate_outcomes(bundle.model, loaders.test, progress=not args.no_progress)
+    scores = _scores(outcomes)
     ppl = f", held-out perplexity {scores['perplexity']:.2f}" if "perplexity" in scores else ""
-    print(f"{args.model} on {args.data}: {100 * scores['accuracy']:.2f}%{ppl}")
+    data = args.data or read_sidecar(args.model)["meta"]["data"]
+    print(f"{args.model} on {data}: {100 * scores['accuracy']:.2f}%{ppl}")
     return 0
 
 
@@ -287,7 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_SUBCOMMANDS = [_add_run, add_inspect, add_condition, _add_finetune, _add_quantize, _add_evaluate, _add_assets, _add_bench]
+_SUBCOMMANDS = [_add_run, add_inspect, add_condition, _add_finetune, _add_quantize, add_export, _add_evaluate,
+                _add_assets, _add_bench]
 
 
 def main(argv: list[str] | None = None) -> int:

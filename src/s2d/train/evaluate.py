@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from s2d.utils import eval_mode, real_tokens, to_device, token_mask
+from s2d.utils import eval_mode, model_device, real_tokens, to_device, token_mask
 
 __all__ = ["Outcomes", "evaluate", "evaluate_examples", "evaluate_outcomes", "held_out_loss", "probe_max_abs"]
 
@@ -48,7 +48,7 @@ def evaluate_outcomes(model: nn.Module, loader: Iterable[dict], progress: bool =
     """Per-example correctness of ``model(**batch).logits`` top-1 against ``batch["labels"]``, and the
     per-example text NLL where the model returns ``text_nll`` (:class:`s2d.models.CausalLMClassifier`).
     Under torch.distributed every process scores the whole loader."""
-    device = next(model.parameters()).device
+    device = model_device(model)
     n = len(loader) if max_batches is None else min(max_batches, len(loader))
     hits, nlls, preds = [], [], []
     with eval_mode(model):
@@ -78,7 +78,7 @@ def evaluate(model: nn.Module, loader: Iterable[dict], progress: bool = True, ma
     """Top-1 accuracy in [0, 1] (the mean of :func:`evaluate_examples`); counts are summed over the
     processes when torch.distributed is initialised (a loader sharded by accelerate)."""
     hits = evaluate_examples(model, loader, progress, max_batches)
-    counts = torch.tensor([int(hits.sum()), hits.numel()], device=next(model.parameters()).device)
+    counts = torch.tensor([int(hits.sum()), hits.numel()], device=model_device(model))
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(counts)
     return float(counts[0]) / max(1, int(counts[1]))
