@@ -38,7 +38,7 @@ def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 def test_help_entry_points(argv, tmp_path):
     proc = _run(argv, tmp_path)
     assert proc.returncode == 0, proc.stderr
-    for cmd in ("run", "inspect", "finetune", "quantize", "evaluate", "assets", "bench"):
+    for cmd in ("run", "inspect", "finetune", "quantize", "evaluate", "export", "assets", "bench"):
         assert cmd in proc.stdout
 
 
@@ -138,7 +138,7 @@ def test_quantize_and_evaluate_commands(tiny, tmp_path, capsys):
     assert f"{100 * saved['fp_accuracy']:.2f}%" in capsys.readouterr().out
 
 
-def test_run_end_to_end(tiny, tmp_path, capsys):
+def _write_tiny_config(tiny, tmp_path, bits='["W8A8", "W4A4"]'):
     model_dir, data = tiny
     (tmp_path / "c.toml").write_text(f'''
 name = "cli-tiny"
@@ -157,12 +157,16 @@ eval_batches = 1
 [arms]
 names = ["adamw", "adamw+s2d"]
 [quant]
-bits = ["W8A8", "W4A4"]
+bits = {bits}
 methods = ["rtn"]
 [probes]
 batches = 1
 sample_size = 32
 ''')
+
+
+def test_run_end_to_end(tiny, tmp_path, capsys):
+    _write_tiny_config(tiny, tmp_path)
     out = tmp_path / "run"
     assert main(["run", str(tmp_path / "c.toml"), "--out", str(out), "--no-progress"]) == 0
     from s2d.pipeline.report import load_results
@@ -180,6 +184,28 @@ sample_size = 32
     assert capsys.readouterr().out.rstrip().endswith(format_accuracy_table(res))
 
 
+def test_run_deploy_adds_the_deployed_int8_table(tiny, tmp_path, capsys):
+    _write_tiny_config(tiny, tmp_path, bits='["W8A8"]')
+    out = tmp_path / "run"
+    assert main(["run", str(tmp_path / "c.toml"), "--out", str(out), "--no-progress", "--deploy"]) == 0
+    from s2d.pipeline.report import load_results
+    from s2d.pipeline.tables import format_deployed_table
+
+    res = load_results(out)
+    assert {d["arm"] for d in res["deployed"]} == {"adamw", "adamw+s2d"}
+    for d in res["deployed"]:
+        cell = next(c for c in res["cells"] if c["arm"] == d["arm"] and c["bits"] == "W8A8")
+        assert d["method"] == "rtn" and d["fake_accuracy"] == pytest.approx(cell["accuracy"])  # same cell again
+        assert d["integer_ops"].get("MatMulIntegerToFloat", 0) >= 1 and d["int8_ms"] > 0
+        assert (out / "deployed" / f"{d['arm']}@s0.onnx").is_file()
+    table = format_deployed_table(res)
+    assert table in capsys.readouterr().out and "## Deployed (int8)" in (out / "report.md").read_text()
+    saved = (out / "deployed" / "adamw@s0.json").stat().st_mtime_ns
+    assert main(["run", str(tmp_path / "c.toml"), "--out", str(out), "--no-progress", "--deploy"]) == 0
+    assert (out / "deployed" / "adamw@s0.json").stat().st_mtime_ns == saved       # resumed, not recomputed
+    assert table in capsys.readouterr().out
+
+
 def test_bad_data_file_one_line_exit_2(tiny, tmp_path):
     model, good = tiny
     (tmp_path / "cut.csv").write_bytes(good.read_bytes()[:40] + b"\xff\xfe")      # truncated, not UTF-8
@@ -191,4 +217,5 @@ def test_bad_data_file_one_line_exit_2(tiny, tmp_path):
 
 def test_parser_lists_every_subcommand():
     sub = next(a for a in build_parser()._actions if a.dest == "command")
-    assert set(sub.choices) == {"run", "inspect", "condition", "finetune", "quantize", "evaluate", "assets", "bench"}
+    assert set(sub.choices) == {"run", "inspect", "condition", "finetune", "quantize", "evaluate", "export", "assets",
+                                "bench"}

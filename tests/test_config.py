@@ -211,6 +211,20 @@ def test_seeds_key_and_fingerprint():
             from_dict({**BASE, **bad})
 
 
+def test_deploy_section_flag_quick_and_fingerprint():
+    assert from_dict(BASE).deploy.int8 is False
+    on = from_dict({**BASE, "deploy": {"int8": True, "timing_repeats": 3}})
+    assert on.deploy.int8 and on.deploy.timing_repeats == 3
+    assert from_dict(BASE, deploy=True).deploy.int8                          # `s2d run --deploy`
+    assert not from_dict({**BASE, "deploy": {"int8": True}}, quick=True).deploy.int8  # --quick skips it
+    assert not from_dict(BASE, quick=True, deploy=True).deploy.int8
+    assert on.fingerprint() == from_dict(BASE).fingerprint()   # adds files, changes no other result
+    for bad, msg in (({"int8": "yes"}, "deploy.int8"), ({"timing_repeats": 0}, "deploy.timing_repeats"),
+                     ({"fast": True}, "unknown key deploy.fast")):
+        with pytest.raises(ValueError, match=msg):
+            from_dict({**BASE, "deploy": bad})
+
+
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.toml")), ids=lambda p: p.name)
 def test_shipped_configs_parse(path):
     for quick in (False, True):

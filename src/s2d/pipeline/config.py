@@ -12,7 +12,7 @@ from s2d.regularizer import S2DConfig
 from s2d.train import ConditionConfig, TrainConfig
 
 __all__ = ["ARM_KINDS", "SWEEP_KEYS", "SECTIONS", "DATA_FORMATS", "ModelConfig", "DataConfig", "ArmConfig",
-           "QuantGridConfig", "ProbeConfig", "ExperimentConfig", "DEFAULT_PROMPT", "check_int", "check_str", "scale_interval"]
+           "QuantGridConfig", "ProbeConfig", "DeployConfig", "ExperimentConfig", "DEFAULT_PROMPT", "check_int", "check_str", "scale_interval"]
 
 ARM_KINDS = ("adamw", "adamw+s2d", "adamw+s2d-rel", "adamw+condition", "muon", "muon+s2d", "adamw+s2d-all",
              "qat", "qat+s2d")
@@ -20,7 +20,7 @@ ARM_KINDS = ("adamw", "adamw+s2d", "adamw+s2d-rel", "adamw+condition", "muon", "
 # adamw+condition: the adamw arm of the same seed, then conditioned without labels ([condition], `s2d condition`)
 SWEEP_KEYS = ("strength", "interval", "k_max", "tau", "power", "update")
 SECTIONS = ("name", "seed", "seeds", "model", "data", "train", "s2d", "arms", "sweep", "condition", "quant", "probes",
-            "quick")
+            "deploy", "quick")
 DATA_FORMATS = ("csv", "jsonl", "imagefolder", "npz")
 DEFAULT_PROMPT = "Text: {text}\nLabel:"   # the causal-LM prompt when data.prompt is not set
 
@@ -130,6 +130,19 @@ class ProbeConfig:
 
 
 @dataclass(frozen=True)
+class DeployConfig:
+    """The optional "deployed (int8)" table: real integer kernels instead of fake quantization."""
+    int8: bool = False                 # export each float arm's best W8A8 cell (per seed) to ONNX QDQ and score it
+    #                                    on ONNX Runtime's integer kernels (`s2d run --deploy`; --quick: off)
+    timing_repeats: int = 5            # timed forward passes of one test batch per backend (median)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.int8, bool):
+            raise ValueError(f"deploy.int8 must be true or false, got {self.int8!r}")
+        check_int("deploy.timing_repeats", self.timing_repeats, 1)
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     """A fully validated `s2d run` config."""
     name: str                          # names the run directory
@@ -145,15 +158,16 @@ class ExperimentConfig:
     arms: tuple[ArmConfig, ...]
     quant: QuantGridConfig
     probes: ProbeConfig
+    deploy: DeployConfig               # the deployed (int8) table
     raw: dict                          # the merged TOML dict (what the fingerprint is taken of)
 
     def fingerprint(self) -> str:
         """sha256 of the canonical merged config without its seeds; a run directory belongs to exactly one.
 
-        Left out: the seeds (results are stored per seed, so a run may be extended by more seeds) and
-        ``probes.sensitivity_examples`` (the sensitivity analysis adds files and changes no other result).
+        Left out: the seeds (results are stored per seed, so a run may be extended by more seeds),
+        ``probes.sensitivity_examples`` and ``[deploy]`` (they add files and change no other result).
         """
-        same = {k: v for k, v in self.raw.items() if k not in ("seed", "seeds")}
+        same = {k: v for k, v in self.raw.items() if k not in ("seed", "seeds", "deploy")}
         probes = {k: v for k, v in same.pop("probes", {}).items() if k != "sensitivity_examples"}
         if probes:
             same["probes"] = probes

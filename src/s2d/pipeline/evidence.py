@@ -19,7 +19,7 @@ from s2d.stats import Comparison, Estimate, cell_estimate, paired_comparison
 
 __all__ = ["METRICS", "float_arms", "qat_kinds", "table_columns", "bits_key", "outcome_grid", "accuracy_rows",
            "has_nll", "verdict", "perplexity_verdict", "ratio_pct", "estimate_pct", "selected_max_abs",
-           "outlier_reduction"]
+           "outlier_reduction", "deployed_rows"]
 
 Key = tuple[str, str]            # (bits, method): ("FP", "-"), ("W4A4", "repq"), ("W4A4", "QAT")
 
@@ -196,4 +196,30 @@ def outlier_reduction(res: dict, baseline: str = "adamw") -> list[dict]:
                      "baseline": float(np.mean([t[0] for t in per_seed])),
                      "arm_max_abs": float(np.mean([t[1] for t in per_seed])), "ratio": float(np.mean(ratios)),
                      "ratio_min": min(ratios), "ratio_max": max(ratios)})
+    return rows
+
+
+def deployed_rows(res: dict, baseline: str = "adamw") -> list[dict]:
+    """One row per arm of the "deployed (int8)" table, from ``res["deployed"]`` (DeployedResult dicts).
+
+    Each row: {"arm", "methods" (the best W8A8 method of each seed), "value": Estimate of the deployed
+    accuracy over seeds and examples, "fake": mean s2d fake-quant accuracy, "agreement", "fp32_ms",
+    "int8_ms" (means over seeds), "delta": Comparison of the deployed accuracy with ``baseline``'s over
+    the seeds both have (None for the baseline or without it)}.
+    """
+    by_arm: dict[str, dict[int, dict]] = {}
+    for d in res.get("deployed", []):
+        by_arm.setdefault(d["arm"], {})[d["seed"]] = d
+    outcomes = {a: {s: unpack_outcomes(d["deployed_correct"]) for s, d in by.items()} for a, by in by_arm.items()}
+    rows = []
+    for arm, by in by_arm.items():
+        seeds = sorted(by)
+        shared = sorted(set(by) & set(by_arm.get(baseline, {})))
+        delta = None
+        if arm != baseline and shared:
+            delta = paired_comparison(_stack(outcomes[arm], shared), _stack(outcomes[baseline], shared))
+        rows.append({"arm": arm, "methods": [by[s]["method"] for s in seeds],
+                     "value": cell_estimate(_stack(outcomes[arm], seeds)), "delta": delta,
+                     **{k: float(np.mean([by[s][k] for s in seeds]))
+                        for k in ("fake_accuracy", "agreement", "fp32_ms", "int8_ms")}})
     return rows

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader
 from s2d.data import Loaders, build_loaders, calibration_batches
 from s2d.models import CausalLMClassifier, ModelBundle, ffn_modules, load, with_label_words
 from s2d.pipeline.config import DEFAULT_PROMPT, ArmConfig, DataConfig, ExperimentConfig, ModelConfig, scale_interval
+from s2d.pipeline.deployed import best_cell, deploy_cell
 from s2d.pipeline.provenance import machine, versions
 from s2d.pipeline.rundir import ArmResult, CellResult, RunDir, pack_outcomes
 from s2d.probes import capture_activations, spectral_table
@@ -56,6 +57,7 @@ class ExperimentResult:
     notes: list[str]           # what the run changed on its own (e.g. a scaled S2D interval)
     wall_s: float              # seconds of this invocation
     sensitivity: dict[str, dict] = field(default_factory=dict)  # arm -> SensitivityReport dict (first seed)
+    deployed: list[dict] = field(default_factory=list)  # DeployedResult dicts, one per float (arm, seed)
     versions: dict[str, str] = field(default_factory=dict)
     machine: dict[str, object] = field(default_factory=dict)
 
@@ -241,7 +243,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: Path | str, progress: bool = 
     claimed = run.claim(cfg)    # only now: bad data or a bad model never locks the folder
     state.wait_for_everyone()
     try:
-        runs, cells, notes, methods, sensitivity = [], [], [], [], {}
+        runs, cells, notes, methods, sensitivity, deployed = [], [], [], [], {}, []
         for seed in cfg.seeds:
             bundle, loaders = first if seed == cfg.seeds[0] else _load(cfg, seed)
             task, arms, seed_notes = _seed_task(cfg, seed, run, bundle, loaders, progress)
@@ -252,6 +254,8 @@ def run_experiment(cfg: ExperimentConfig, out_dir: Path | str, progress: bool = 
             cells += seed_cells
             if seed == cfg.seeds[0] and cfg.probes.sensitivity_examples:
                 sensitivity = _run_sensitivity(task, arms, seed_runs, seed_cells)
+            if cfg.deploy.int8:
+                deployed += _run_deployed(task, arms, seed_cells)
     except BaseException:
         if claimed and run.release_if_unused():
             logger.info("%s: nothing was computed; the folder is free again", run.root)
@@ -261,7 +265,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: Path | str, progress: bool = 
     return ExperimentResult(config=cfg.raw, fingerprint=cfg.fingerprint(), seeds=list(cfg.seeds), arms=arm_info,
                             runs=runs, cells=cells, methods=methods, notes=notes,
                             wall_s=time.perf_counter() - t0, versions=versions(), machine=machine(),
-                            sensitivity=sensitivity)
+                            sensitivity=sensitivity, deployed=deployed)
 
 
 def _grid_methods(cfg: ExperimentConfig) -> list[str]:
@@ -371,4 +375,24 @@ def _run_sensitivity(task: _Task, arms: list[ArmConfig], runs: list[dict], cells
             logger.info("sensitivity %s %s: top site %s (KL %.3g)", arm.name, bits, rep["sites"][0]["site"],
                         rep["sites"][0]["kl"])
         out[arm.name] = rep
+    return out
+
+
+def _run_deployed(task: _Task, arms: list[ArmConfig], cells: list[dict]) -> list[dict]:
+    """Each float arm's best W8A8 cell of this seed on ONNX Runtime's integer kernels (resumable)."""
+    out = []
+    for arm in arms:
+        cell = best_cell(cells, arm.name, task.seed) if arm.qat_bits is None else None
+        if cell is None:
+            continue
+        res = task.run.load_deployed(arm.name, task.seed)
+        if res is None:
+            model = load_arm_model(arm, task.seed, task.pristine, task.run)
+            res = deploy_cell(model, cell, task.cfg.quant, task.calib, task.loaders.test,
+                              task.run.deployed_path(arm.name, task.seed, ".onnx"), task.cfg.deploy.timing_repeats,
+                              task.progress)
+            task.run.save_deployed(res)
+            logger.info("deployed %s seed %d %s W8A8: %.4f (fake %.4f), %.1f ms vs %.1f ms fp32", arm.name,
+                        task.seed, res.method, res.accuracy, res.fake_accuracy, res.int8_ms, res.fp32_ms)
+        out.append(dataclasses.asdict(res))
     return out

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from s2d import assets
 from s2d.pipeline.config import (
-    ARM_KINDS, SECTIONS, SWEEP_KEYS, ArmConfig, DataConfig, ExperimentConfig, ModelConfig, ProbeConfig,
+    ARM_KINDS, SECTIONS, SWEEP_KEYS, ArmConfig, DataConfig, DeployConfig, ExperimentConfig, ModelConfig, ProbeConfig,
     QuantGridConfig, check_int,
 )
 from s2d.quant import Bits, QuantConfig, available_methods
@@ -38,8 +38,9 @@ def default_config_text() -> str:
 
 
 def load_config(path: str | Path | None = None, quick: bool = False, check_names: bool = True,
-                seeds: list[int] | None = None) -> ExperimentConfig:
-    """Read and validate a TOML config; None = the default config. ``seeds`` replaces the config's."""
+                seeds: list[int] | None = None, deploy: bool = False) -> ExperimentConfig:
+    """Read and validate a TOML config; None = the default config. ``seeds`` replaces the config's;
+    ``deploy`` turns on ``[deploy] int8``."""
     if path is None:
         text = default_config_text()
     else:
@@ -52,15 +53,16 @@ def load_config(path: str | Path | None = None, quick: bool = False, check_names
     except tomllib.TOMLDecodeError as err:
         raise ValueError(f"{path or 'default config'}: invalid TOML: {err}") from None
     try:
-        return from_dict(raw, quick=quick, check_names=check_names, seeds=seeds)
+        return from_dict(raw, quick=quick, check_names=check_names, seeds=seeds, deploy=deploy)
     except TypeError as err:   # wrong value types reaching a dataclass
         raise ValueError(f"{path or 'default config'}: {err}") from None
 
 
 def from_dict(raw: dict, quick: bool = False, check_names: bool = True,
-              seeds: list[int] | None = None) -> ExperimentConfig:
+              seeds: list[int] | None = None, deploy: bool = False) -> ExperimentConfig:
     """Validate a config dict (parsed TOML). ``quick`` merges the ``[quick]`` tables first; ``seeds``
-    (the CLI's ``--seeds``) then replaces the seeds.
+    (the CLI's ``--seeds``) then replaces the seeds; ``deploy`` (``--deploy``) sets ``[deploy] int8``,
+    which ``quick`` always turns off.
 
     check_names=False skips the model/dataset existence checks (for tests of other fields).
     """
@@ -93,6 +95,8 @@ def from_dict(raw: dict, quick: bool = False, check_names: bool = True,
     arms = _build_arms(merged.get("arms", {}), sweep, base_s2d)
     quant = _build_quant(merged.get("quant", {}), quick)
     probes = ProbeConfig(**_known("probes", merged.get("probes", {}), ProbeConfig))
+    deploy_tab = _known("deploy", merged.get("deploy", {}), DeployConfig)
+    deploy_cfg = DeployConfig(**{**deploy_tab, "int8": (deploy or deploy_tab.get("int8", False)) and not quick})
     name = merged.get("name", "experiment")
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][\w.+-]*", name):
         raise ValueError(f"name must be a non-empty string of letters, digits, '_', '.', '+', '-' "
@@ -102,7 +106,8 @@ def from_dict(raw: dict, quick: bool = False, check_names: bool = True,
         _check_asset("data.dataset", data.dataset, "dataset")
     return ExperimentConfig(name=name, seeds=seeds, model=model, data=data, train=train, s2d_config=base_s2d,
                             min_refreshes=min_refreshes, guard_examples=guard_examples, condition=condition,
-                            arms=arms, quant=quant, probes=probes, raw=merged)
+                            arms=arms, quant=quant, probes=probes, deploy=deploy_cfg,
+                            raw=merged)
 
 
 def _seeds(merged: dict) -> tuple[int, ...]:

@@ -13,7 +13,7 @@ from s2d.pipeline.experiment import ExperimentResult
 from s2d.pipeline.figures import FIGURES
 from s2d.pipeline.provenance import machine, versions
 from s2d.pipeline.rundir import pack_outcomes, unpack_outcomes
-from s2d.pipeline.tables import (format_accuracy_table, format_layer_table, format_outlier_table, format_perplexity_table,
+from s2d.pipeline.tables import (format_accuracy_table, format_deployed_table, format_layer_table, format_outlier_table, format_perplexity_table,
                                  format_qat_table, format_sensitivity_table)
 from s2d.utils import atomic_write, write_json, write_text
 
@@ -22,9 +22,15 @@ __all__ = ["FIGURE_CAPTIONS", "OUTCOMES", "accuracy_caption", "verdict_lines", "
 
 OUTCOMES = "outcomes.npz"     # beside results.json: every per-example outcome vector, keyed as below
 _OUTCOME_FIELDS = (("runs", "fp_correct"), ("runs", "qat_correct"), ("cells", "correct"), ("runs", "fp_nll"),
-                   ("cells", "nll"))
+                   ("cells", "nll"), ("deployed", "deployed_correct"))
 
 
+DEPLOYED_CAPTION = ("Deployed (int8): each float arm's best W8A8 cell per seed, exported to ONNX QuantizeLinear/"
+                    "DequantizeLinear with that method's scales and run on ONNX Runtime's integer kernels "
+                    "(docs/deployment.md). Accuracy % mean ±95 % CI over seeds and examples; in parentheses the "
+                    "paired difference to {baseline}'s deployed model in pp (* = CI excludes 0); agreement: test "
+                    "examples where the deployed file and s2d's fake quantization predict the same class; "
+                    "ms per test batch, median, torch float vs ONNX Runtime int8.")
 PERPLEXITY_CAPTION = ("Perplexity of the test texts (exp of the mean over texts of the per-token NLL) per bit setting "
                       "x PTQ method and arm, mean over the seeds with its 95 % CI; in parentheses the perplexity "
                       "ratio to {baseline} - 1 in % with its 95 % CI, * where the CI excludes 0.")
@@ -80,6 +86,9 @@ def terminal_summary(res: dict, out_dir: Path | str | None = None, baseline: str
         lines.append(f"report: {out_dir}/report.md   results: {out_dir}/results.json")
     lines += [f"note: {n}" for n in res["notes"]]
     lines += [""] + [ln for ln in verdict_lines(res, baseline) if ln]
+    deployed = format_deployed_table(res, baseline)
+    if deployed:
+        lines += ["", DEPLOYED_CAPTION.format(baseline=baseline), deployed]
     lines += ["", f"{accuracy_caption(res, baseline)} Wall time {res['wall_s']:.0f} s.",
               format_accuracy_table(res, baseline)]
     ppl = format_perplexity_table(res, baseline)
@@ -104,6 +113,9 @@ def render_markdown(res: dict, figures: dict[str, str], baseline: str = "adamw")
     ppl = format_perplexity_table(res, baseline)
     if ppl:
         parts += ["## Held-out perplexity (causal LM)", "", PERPLEXITY_CAPTION.format(baseline=baseline), "", ppl, ""]
+    deployed = format_deployed_table(res, baseline)
+    if deployed:
+        parts += ["## Deployed (int8)", "", DEPLOYED_CAPTION.format(baseline=baseline), "", deployed, ""]
     qat = format_qat_table(res)
     if qat:
         parts += ["## Quantization-aware training (accuracy % at the arm's own bits, mean ± 95 % CI; paired delta)",

@@ -6,6 +6,7 @@ each with the per-example outcomes on the test split, written atomically as soon
     arms/<arm>@s<seed>/model.safetensors    final weights
     arms/<arm>@s<seed>/train/               training checkpoints while it runs (resume), removed after
     cells/<arm>@s<seed>__<method>__<WxAy>.json   CellResult (present = finished: never recomputed)
+    deployed/<arm>@s<seed>.json / .onnx     DeployedResult and its ONNX file ([deploy] int8 = true)
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import torch
 from s2d.pipeline.config import ExperimentConfig
 from s2d.utils import write_json
 
-__all__ = ["CellResult", "ArmResult", "RunDir", "pack_outcomes", "unpack_outcomes"]
+__all__ = ["CellResult", "ArmResult", "DeployedResult", "RunDir", "pack_outcomes", "unpack_outcomes"]
 
 
 def pack_outcomes(values: torch.Tensor | np.ndarray) -> dict:
@@ -75,6 +76,22 @@ class ArmResult:
     fp_correct: dict = field(default_factory=dict)   # per-test-example correctness in float (pack_outcomes)
     qat_correct: dict | None = None                  # QAT arms: the same at their own bits
     fp_nll: dict | None = None                       # causal LMs: per-test-example text NLL in float
+
+
+@dataclass
+class DeployedResult:
+    """One arm and seed's best W8A8 cell, exported to ONNX QDQ and run on ONNX Runtime's integer kernels."""
+    arm: str
+    seed: int
+    method: str                # the PTQ method of the arm's best W8A8 cell for this seed
+    fake_accuracy: float       # s2d's fake-quantized model on the test split, in [0, 1]
+    accuracy: float            # the exported file on ONNX Runtime, same examples
+    agreement: float           # share of test examples where both predict the same class
+    file_mib: float            # size of the .onnx file
+    fp32_ms: float             # torch float model: median ms per test batch
+    int8_ms: float             # ONNX Runtime on the exported file: median ms per test batch
+    integer_ops: dict = field(default_factory=dict)  # ONNX Runtime integer op -> count after its fusions
+    deployed_correct: dict = field(default_factory=dict)  # per-test-example correctness (pack_outcomes)
 
 
 def _slug(name: str) -> str:
@@ -161,3 +178,14 @@ class RunDir:
     def save_sensitivity(self, arm: str, seed: int, report: dict) -> None:
         if self.writer:
             write_json(self.sensitivity_path(arm, seed), report)
+
+    def deployed_path(self, arm: str, seed: int, suffix: str = ".json") -> Path:
+        return self.root / "deployed" / f"{_slug(arm)}@s{seed}{suffix}"
+
+    def load_deployed(self, arm: str, seed: int) -> DeployedResult | None:
+        path = self.deployed_path(arm, seed)
+        return DeployedResult(**json.loads(path.read_text())) if path.exists() else None
+
+    def save_deployed(self, res: DeployedResult) -> None:
+        if self.writer:
+            write_json(self.deployed_path(res.arm, res.seed), dataclasses.asdict(res))

@@ -13,10 +13,10 @@ from __future__ import annotations
 import math
 
 from s2d.models import is_ffn_name
-from s2d.pipeline.evidence import accuracy_rows, float_arms, has_nll, qat_kinds, ratio_pct, table_columns
+from s2d.pipeline.evidence import accuracy_rows, deployed_rows, float_arms, has_nll, qat_kinds, ratio_pct, table_columns
 from s2d.stats import format_comparison, format_estimate
 
-__all__ = ["format_accuracy_table", "format_perplexity_table", "format_qat_table", "is_ffn", "layer_rows", "format_layer_table",
+__all__ = ["format_accuracy_table", "format_deployed_table", "format_perplexity_table", "format_qat_table", "is_ffn", "layer_rows", "format_layer_table",
            "format_inspect_table", "format_condition_table", "format_outlier_table", "format_peak_table", "format_sensitivity_table",
            "short_name"]
 
@@ -38,6 +38,23 @@ def format_accuracy_table(res: dict, baseline: str = "adamw", qat_baseline: str 
             else:
                 cells.append(format_estimate(est))
         lines.append(f"| {row['bits']} | {row['method']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_deployed_table(res: dict, baseline: str = "adamw") -> str:
+    """Markdown of :func:`~s2d.pipeline.evidence.deployed_rows` ("" when the run deployed nothing): the
+    deployed accuracy in % (mean ±95 % CI; in parentheses the paired delta to ``baseline`` in pp), s2d's
+    fake-quant accuracy of the same cells, the per-example agreement, and ms per test batch."""
+    rows = deployed_rows(res, baseline)
+    if not rows:
+        return ""
+    lines = ["| arm | W8A8 method | deployed int8 (ONNX Runtime) | s2d fake quant | agreement | "
+             "torch fp32 ms | int8 ms | speed-up |", "|" + "---|" * 8]
+    for r in rows:
+        value = format_estimate(r["value"]) + (f" ({format_comparison(r['delta'])})" if r["delta"] else "")
+        lines.append(f"| {r['arm']} | {', '.join(sorted(set(r['methods'])))} | {value} | "
+                     f"{100 * r['fake_accuracy']:.2f} | {100 * r['agreement']:.2f} % | {r['fp32_ms']:.1f} | "
+                     f"{r['int8_ms']:.1f} | {r['fp32_ms'] / r['int8_ms']:.2f}× |")
     return "\n".join(lines)
 
 
