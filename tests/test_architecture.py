@@ -177,7 +177,7 @@ def test_readme_names_exist():
         assert hasattr(importlib.import_module(module), name), f"README imports {name} from {module}"
 
 
-@pytest.mark.parametrize("package", ["s2d", "s2d.quant", "s2d.probes"])
+@pytest.mark.parametrize("package", ["s2d", "s2d.quant", "s2d.probes", "s2d.deploy"])
 def test_public_api_is_exported(package):
     mod = importlib.import_module(package)
     assert mod.__all__ and all(hasattr(mod, n) for n in mod.__all__)

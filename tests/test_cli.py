@@ -206,6 +206,21 @@ def test_run_deploy_adds_the_deployed_int8_table(tiny, tmp_path, capsys):
     assert table in capsys.readouterr().out
 
 
+def test_run_deploy_without_w8a8_cells_deploys_each_method_and_keeps_the_best(tiny, tmp_path):
+    _write_tiny_config(tiny, tmp_path, bits='["W4A4"]')
+    text = (tmp_path / "c.toml").read_text().replace('methods = ["rtn"]', 'methods = ["rtn", "repq"]')
+    (tmp_path / "c.toml").write_text(text.replace('names = ["adamw", "adamw+s2d"]', 'names = ["adamw"]'))
+    out = tmp_path / "run"
+    assert main(["run", str(tmp_path / "c.toml"), "--out", str(out), "--no-progress", "--deploy"]) == 0
+    from s2d.pipeline.report import load_results
+
+    (row,) = load_results(out)["deployed"]
+    assert row["method"] in ("rtn", "repq") and "no W8A8 cell" in row["selected_by"]
+    assert sorted(p.name for p in (out / "deployed").iterdir()) == ["adamw@s0.json", "adamw@s0.onnx",
+                                                                    "adamw@s0.s2d.json"]
+    assert json.loads((out / "deployed" / "adamw@s0.s2d.json").read_text())["path"] == str(out / "deployed" / "adamw@s0.onnx")
+
+
 def test_bad_data_file_one_line_exit_2(tiny, tmp_path):
     model, good = tiny
     (tmp_path / "cut.csv").write_bytes(good.read_bytes()[:40] + b"\xff\xfe")      # truncated, not UTF-8

@@ -33,6 +33,14 @@ def _vit():
                                                      **SMALL)).eval()
 
 
+def _llama():
+    from s2d.models import CausalLMClassifier
+    torch.manual_seed(0)
+    lm = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2)).eval()
+    return CausalLMClassifier(lm, [5, 6])
+
+
 def _text(n=8, t=12, seed=0):
     g = torch.Generator().manual_seed(seed)
     mask = torch.ones(n, t, dtype=torch.long)
@@ -98,6 +106,27 @@ def test_vision_qdq_export(tmp_path):
     assert float((fast - want).abs().max()) < 0.05 * float(want.abs().max())
     assert sum(res.integer_ops.values()) >= 12
     assert any(s["kind"] == "weight" for s in res.sites)  # the patch embedding: float conv on s2d's grid
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "qdq"])
+def test_causal_lm_export_at_a_fixed_shape_serves_any_smaller_batch(fmt, tmp_path):
+    """transformers' decoder masking traces with the example's shapes: the file is fixed to (4, 12), and
+    OnnxClassifier right-pads and chunks (3, 9) and (9, 7) batches to it, exactly."""
+    model = _llama()
+    if fmt == "qdq":
+        model = _quantized(model, [{k: v for k, v in _text(seed=i).items() if k != "token_type_ids"} for i in range(2)],
+                           "rtn")
+    example = {k: v for k, v in _text(4, 12).items() if k != "token_type_ids"}
+    res = export_onnx(model, tmp_path / "lm.onnx", example, fmt)
+    assert res.static_shape == [4, 12] and read_sidecar(res.path)["static_shape"] == [4, 12]
+    onnx_model = OnnxClassifier(res.path)
+    for n, t in ((3, 9), (9, 7)):
+        batch = {k: v for k, v in _text(n, t, seed=n).items() if k != "token_type_ids"}
+        with torch.no_grad():
+            want = model(**batch).logits
+        torch.testing.assert_close(onnx_model(**batch).logits, want, rtol=0, atol=1e-5 * float(want.abs().max()))
+    with pytest.raises(ValueError, match="exported for at most 12"):
+        onnx_model(**{k: v for k, v in _text(2, 13).items() if k != "token_type_ids"})
 
 
 def test_fp32_and_int4_exports_against_the_float_model(tmp_path):

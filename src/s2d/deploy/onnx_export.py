@@ -12,10 +12,16 @@
 
 Every export writes ``<name>.s2d.json`` beside the model: what it came from and how to feed it
 (:mod:`s2d.deploy.runtime` reads it back).
+
+Batch and sequence dimensions are dynamic, except for causal-LM classifiers: transformers' decoder
+masking traces with the example's shapes baked in, so they are exported at the example's (B, T), and
+:class:`~s2d.deploy.runtime.OnnxClassifier` right-pads and chunks other batches to it (exact for a causal
+model read at its last real token).
 """
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import tempfile
 import warnings
@@ -30,11 +36,12 @@ import torch
 from torch import Tensor, nn
 
 from s2d.deploy.lowering import Site, lower_for_export
+from s2d.models import CausalLMClassifier
 from s2d.quant.prepare import named_quantizers, set_quantization
 from s2d.utils import eval_mode, write_json
 
 __all__ = ["FORMATS", "INTEGER_OPS", "FLOAT_MATMUL_OPS", "ExportResult", "export_onnx", "optimized_ops", "session_options",
-           "sidecar_path"]
+           "sidecar_path", "move_export"]
 
 FORMATS = ("fp32", "qdq", "int4")
 # ONNX Runtime CPU ops that compute on integer codes (after its QDQ fusions)
@@ -43,6 +50,7 @@ INTEGER_OPS = ("MatMulIntegerToFloat", "MatMulInteger", "QLinearMatMul", "Dynami
 FLOAT_MATMUL_OPS = ("MatMul", "Gemm", "FusedMatMul", "FusedGemm")  # matmuls ONNX Runtime runs in float
 OPSET = 17
 _SEQ_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+_NOT_INPUTS = ("labels", "text_mask")  # batch keys the exported logits do not depend on
 
 
 @dataclass
@@ -57,6 +65,7 @@ class ExportResult:
     float_matmuls: int              # matmuls left in float after the fusions (FLOAT_MATMUL_OPS)
     sites: list[dict] = field(default_factory=list)  # qdq: every quantization site (s2d.deploy.lowering.Site)
     meta: dict = field(default_factory=dict)         # caller's metadata (source model, data, method, bits)
+    static_shape: list[int] | None = None  # (B, T) every input is fixed to (causal LMs); None: dynamic
 
 
 class _Logits(nn.Module):
@@ -75,12 +84,23 @@ def sidecar_path(path: str | Path) -> Path:
     return Path(path).with_suffix(".s2d.json")
 
 
+def move_export(src: str | Path, dst: str | Path) -> None:
+    """Move an exported ``src`` .onnx and its sidecar to ``dst`` (the sidecar's ``path`` follows)."""
+    src, dst = Path(src), Path(dst)
+    side = json.loads(sidecar_path(src).read_text())
+    src.replace(dst)
+    write_json(sidecar_path(dst), {**side, "path": str(dst)})
+    sidecar_path(src).unlink()
+
+
 def export_onnx(model: nn.Module, path: str | Path, example: Mapping[str, Tensor], fmt: str = "qdq", *,
                 block_size: int = 32, meta: Mapping | None = None) -> ExportResult:
     """Write ``model`` (a classifier returning ``.logits``) as ONNX in format ``fmt`` (see the module doc).
 
     ``example``: one batch of model inputs (labels are ignored), e.g. {"input_ids": (B, T) int64, ...};
-    batch (and sequence) dimensions are dynamic in the graph. ``model`` is not modified (a copy is
+    batch (and sequence) dimensions are dynamic in the graph, except for a causal-LM classifier, which
+    is fixed to the example's (B, T) (pad the example to the longest sequence it will see; see the
+    module doc). ``model`` is not modified (a copy is
     lowered). ``block_size``: int4 block along the input dimension (16..256, a power of two).
     ``meta``: JSON metadata stored in the sidecar (``source``, ``data``, ``max_length``, ...).
     """
@@ -90,7 +110,8 @@ def export_onnx(model: nn.Module, path: str | Path, example: Mapping[str, Tensor
         raise ValueError(f"block_size must be a power of two in [16, 256], got {block_size}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    names = [k for k in example if k != "labels"]
+    names = [k for k in example if k not in _NOT_INPUTS]
+    static = list(example["input_ids"].shape) if isinstance(model, CausalLMClassifier) else None
     model = copy.deepcopy(model).cpu().eval()
     sites: list[Site] = []
     if fmt == "qdq":
@@ -100,7 +121,7 @@ def export_onnx(model: nn.Module, path: str | Path, example: Mapping[str, Tensor
         set_quantization(model, False)
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "raw.onnx"
-        _torch_export(_Logits(model, names), raw, [example[k].cpu() for k in names], names)
+        _torch_export(_Logits(model, names), raw, [example[k].cpu() for k in names], names, dynamic=static is None)
         if fmt == "int4":
             _int4(raw, path, block_size)
         else:
@@ -108,7 +129,8 @@ def export_onnx(model: nn.Module, path: str | Path, example: Mapping[str, Tensor
     ops = optimized_ops(path)
     result = ExportResult(str(path), fmt, path.stat().st_size, names,
                           {k: v for k, v in ops.items() if k in INTEGER_OPS},
-                          sum(ops.get(k, 0) for k in FLOAT_MATMUL_OPS), [asdict(s) for s in sites], dict(meta or {}))
+                          sum(ops.get(k, 0) for k in FLOAT_MATMUL_OPS), [asdict(s) for s in sites], dict(meta or {}),
+                          static)
     write_json(sidecar_path(path), asdict(result))
     return result
 
@@ -123,9 +145,11 @@ def _check_w8a8(model: nn.Module) -> None:
                          f"kernel and stay fake only), got quantizers at {sorted(widths)} bits")
 
 
-def _torch_export(module: nn.Module, out: Path, args: list[Tensor], names: list[str]) -> None:
-    dyn = {n: ({0: "batch", 1: "sequence"} if n in _SEQ_INPUTS else {0: "batch"}) for n in names}
-    dyn["logits"] = {0: "batch"}
+def _torch_export(module: nn.Module, out: Path, args: list[Tensor], names: list[str], dynamic: bool) -> None:
+    dyn = None
+    if dynamic:
+        dyn = {n: ({0: "batch", 1: "sequence"} if n in _SEQ_INPUTS else {0: "batch"}) for n in names}
+        dyn["logits"] = {0: "batch"}
     module.requires_grad_(False)
     # log-√2 dequantization uses torch.exp2, which the TorchScript exporter does not know: 2^x as Pow
     torch.onnx.register_custom_op_symbolic("aten::exp2", _exp2_symbolic, OPSET)

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from s2d.deploy.onnx_export import session_options, sidecar_path
 
-__all__ = ["OPTIMIZATION_LEVELS", "OnnxClassifier", "read_sidecar", "median_ms"]
+__all__ = ["OPTIMIZATION_LEVELS", "OnnxClassifier", "read_sidecar", "pad_to_length", "median_ms"]
 
 # ONNX Runtime's graph optimization levels by name. "all" adds layout transforms (NCHWc convolutions) that
 # change float summation order; "extended" keeps every QDQ fusion (integer kernels) without them.
@@ -55,11 +55,37 @@ class OnnxClassifier(nn.Module):
         self.session = ort.InferenceSession(self.path, session_options(OPTIMIZATION_LEVELS[optimization], threads=threads),
                                             providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.session.get_inputs()]
+        side = sidecar_path(path)
+        self.static_shape = json.loads(side.read_text()).get("static_shape") if side.is_file() else None
 
     def forward(self, **batch: Tensor) -> SimpleNamespace:
-        feeds = {n: batch[n].detach().cpu().numpy() for n in self.input_names}
-        (logits,) = self.session.run(["logits"], feeds)
-        return SimpleNamespace(logits=torch.from_numpy(logits))
+        feeds = {n: batch[n].detach().cpu() for n in self.input_names}
+        if self.static_shape is None:
+            return SimpleNamespace(logits=self._run(feeds))
+        rows, step = feeds["input_ids"].shape[0], self.static_shape[0]
+        feeds = pad_to_length(feeds, self.static_shape[1])
+        chunks = [self._run({n: _fill_rows(v[i:i + step], step) for n, v in feeds.items()})[: min(step, rows - i)]
+                  for i in range(0, rows, step)]
+        return SimpleNamespace(logits=torch.cat(chunks))
+
+    def _run(self, feeds: dict[str, Tensor]) -> Tensor:
+        (logits,) = self.session.run(["logits"], {n: v.numpy() for n, v in feeds.items()})
+        return torch.from_numpy(logits)
+
+
+def pad_to_length(batch: dict[str, Tensor], length: int) -> dict[str, Tensor]:
+    """Right-pad every (B, T) tensor of ``batch`` with zeros to (B, ``length``): padding tokens with mask 0,
+    which a causal model read at its last real token never sees. ValueError if T > ``length``."""
+    t = batch["input_ids"].shape[1]
+    if t > length:
+        raise ValueError(f"sequences of {t} tokens; this ONNX file was exported for at most {length} "
+                         f"(export it again with a longer example)")
+    return {k: torch.nn.functional.pad(v, (0, length - t)) if v.ndim == 2 else v for k, v in batch.items()}
+
+
+def _fill_rows(x: Tensor, rows: int) -> Tensor:
+    """``x`` (b, ...) with its first row repeated up to ``rows`` rows (their outputs are dropped)."""
+    return x if x.shape[0] == rows else torch.cat([x, x[:1].expand(rows - x.shape[0], *x.shape[1:])])
 
 
 def median_ms(call: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:

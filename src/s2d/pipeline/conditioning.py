@@ -23,7 +23,7 @@ from s2d.models import ModelBundle
 from s2d.pipeline.config import scale_interval
 from s2d.pipeline.evidence import selected_max_abs
 from s2d.pipeline.experiment import load_task, ptq_cell
-from s2d.pipeline.inspection import cli_task, prompt_options
+from s2d.pipeline.inspection import add_prompt_arguments, cli_task, prompt_options
 from s2d.pipeline.parse import from_dict
 from s2d.pipeline.tables import format_condition_table
 from s2d.probes import spectral_table
@@ -64,8 +64,7 @@ def add_condition(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--limit-train", type=int, default=None)
     p.add_argument("--limit-eval", type=int, default=None)
-    p.add_argument("--prompt", default=None, help="causal LMs: the prompt around each text, with one {text}")
-    p.add_argument("--label-words", default=None, metavar="W,W,...", help="causal LMs: one answer word per class")
+    add_prompt_arguments(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_condition)

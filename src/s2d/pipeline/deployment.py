@@ -14,8 +14,8 @@ from torch import nn
 from s2d.data import calibration_batches
 from s2d.deploy import FORMATS, OnnxClassifier, export_onnx, read_sidecar
 from s2d.deploy.onnx_export import sidecar_path
-from s2d.pipeline.deployed import parity
-from s2d.pipeline.inspection import cli_task
+from s2d.pipeline.deployed import export_example, parity
+from s2d.pipeline.inspection import add_prompt_arguments, cli_task, prompt_options
 from s2d.quant import QuantConfig, available_methods, quantize_model
 from s2d.train import Outcomes, evaluate_outcomes
 from s2d.utils import write_json
@@ -38,10 +38,11 @@ def add_export(sub: argparse._SubParsersAction) -> None:
                    help="qdq: W8A8 integer (default); int4: weight-only 4-bit; fp32: float")
     p.add_argument("--method", default="rtn", help="PTQ method for --format qdq (default rtn)")
     p.add_argument("--block-size", type=int, default=32, help="int4: weights per scale along the input (default 32)")
-    p.add_argument("--calib-samples", type=int, default=32)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--calib-samples", type=int, default=32, help="training examples the PTQ method calibrates on")
+    p.add_argument("--batch-size", type=int, default=64, help="evaluation batch size (default 64)")
+    p.add_argument("--max-length", type=int, default=64, help="tokens per text (default 64)")
     p.add_argument("--limit-eval", type=int, default=None, help="score only the first N test examples")
+    add_prompt_arguments(p)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_export)
 
@@ -53,15 +54,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     if out.suffix != ".onnx":
         raise ValueError(f"--out must name a .onnx file, got {args.out!r}")
     progress = not args.no_progress
+    prompt = prompt_options(args)
     bundle, loaders = cli_task(args.model, args.data, max_length=args.max_length, batch_size=args.batch_size,
-                               limit_eval=args.limit_eval)
+                               limit_eval=args.limit_eval, **prompt)
     calib = calibration_batches(loaders, num_samples=args.calib_samples, batch_size=args.batch_size)
     reference = _reference_model(bundle.model, args, calib, progress)
     source = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model
-    meta = {"source": source, "data": args.data, "max_length": args.max_length,
+    meta = {"source": source, "data": args.data, "max_length": args.max_length, **prompt,
             "method": args.method if args.fmt == "qdq" else None, "bits": "W8A8" if args.fmt == "qdq" else
             ("W4A16" if args.fmt == "int4" else None)}
-    res = export_onnx(reference, out, calib[0], args.fmt, block_size=args.block_size, meta=meta)
+    example = export_example(reference, calib[0], loaders.test)
+    res = export_onnx(reference, out, example, args.fmt, block_size=args.block_size, meta=meta)
     ref = evaluate_outcomes(reference, loaders.test, progress=progress)
     dep = evaluate_outcomes(OnnxClassifier(out), loaders.test, progress=progress)
     score = parity(ref, dep)
@@ -95,6 +98,7 @@ def evaluate_onnx(path: str, data: str | None, batch_size: int, limit_eval: int 
     side = read_sidecar(path)
     meta = side.get("meta", {})
     _, loaders = cli_task(meta["source"], data or meta.get("data"), max_length=meta.get("max_length", 64),
-                          batch_size=batch_size, limit_eval=limit_eval)
+                          batch_size=batch_size, limit_eval=limit_eval, prompt=meta.get("prompt"),
+                          label_words=meta.get("label_words"))
     with torch.no_grad():
         return evaluate_outcomes(OnnxClassifier(path), loaders.test, progress=progress)

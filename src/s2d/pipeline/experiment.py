@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 from s2d.data import Loaders, build_loaders, calibration_batches
 from s2d.models import CausalLMClassifier, ModelBundle, ffn_modules, load, with_label_words
 from s2d.pipeline.config import DEFAULT_PROMPT, ArmConfig, DataConfig, ExperimentConfig, ModelConfig, scale_interval
-from s2d.pipeline.deployed import best_cell, deploy_cell
+from s2d.pipeline.deployed import deploy_best
 from s2d.pipeline.provenance import machine, versions
 from s2d.pipeline.rundir import ArmResult, CellResult, RunDir, pack_outcomes
 from s2d.probes import capture_activations, spectral_table
@@ -381,16 +381,13 @@ def _run_sensitivity(task: _Task, arms: list[ArmConfig], runs: list[dict], cells
 def _run_deployed(task: _Task, arms: list[ArmConfig], cells: list[dict]) -> list[dict]:
     """Each float arm's best W8A8 cell of this seed on ONNX Runtime's integer kernels (resumable)."""
     out = []
-    for arm in arms:
-        cell = best_cell(cells, arm.name, task.seed) if arm.qat_bits is None else None
-        if cell is None:
-            continue
+    for arm in (a for a in arms if a.qat_bits is None):
         res = task.run.load_deployed(arm.name, task.seed)
         if res is None:
             model = load_arm_model(arm, task.seed, task.pristine, task.run)
-            res = deploy_cell(model, cell, task.cfg.quant, task.calib, task.loaders.test,
-                              task.run.deployed_path(arm.name, task.seed, ".onnx"), task.cfg.deploy.timing_repeats,
-                              task.progress)
+            res = deploy_best(model, cells, arm.name, task.seed, task.methods, task.cfg.quant, task.calib,
+                              task.loaders.test, task.run.deployed_path(arm.name, task.seed, ".onnx"),
+                              task.cfg.deploy.timing_repeats, task.progress)
             task.run.save_deployed(res)
             logger.info("deployed %s seed %d %s W8A8: %.4f (fake %.4f), %.1f ms vs %.1f ms fp32", arm.name,
                         task.seed, res.method, res.accuracy, res.fake_accuracy, res.int8_ms, res.fp32_ms)

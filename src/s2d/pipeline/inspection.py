@@ -19,7 +19,7 @@ from s2d.quant import Bits, QuantConfig, available_methods
 from s2d.quant.sensitivity import first_examples, site_sensitivity
 from s2d.utils import jsonable, write_json, write_text
 
-__all__ = ["add_inspect", "cmd_inspect", "cli_task", "prompt_options"]
+__all__ = ["add_inspect", "cmd_inspect", "cli_task", "add_prompt_arguments", "prompt_options"]
 
 
 def add_inspect(sub: argparse._SubParsersAction) -> None:
@@ -36,10 +36,7 @@ def add_inspect(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batches", type=int, default=2, help="number of batches to run (default 2)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-length", type=int, default=64)
-    p.add_argument("--prompt", default=None, help="causal LMs: the prompt around each text, with one {text} "
-                                                 "(default 'Text: {text}\\nLabel:')")
-    p.add_argument("--label-words", default=None, metavar="W,W,...",
-                   help="causal LMs: one single-token answer word per class (default: the label names)")
+    add_prompt_arguments(p)
     p.add_argument("--k-max", type=int, default=3)
     p.add_argument("--tau", type=float, default=0.95)
     p.add_argument("--sensitivity", default=None, metavar="WxAy",
@@ -70,6 +67,14 @@ def cli_task(model: str, data: str | None, *, max_length: int = 64, batch_size: 
                                                     limit_eval=limit_eval, prompt=prompt,
                                                     label_words=tuple(label_words) if label_words else None),
                      batch_size=batch_size, eval_batch_size=batch_size, seed=seed)
+
+
+def add_prompt_arguments(p: argparse.ArgumentParser) -> None:
+    """``--prompt`` and ``--label-words`` (causal LMs), read back by :func:`prompt_options`."""
+    p.add_argument("--prompt", default=None, help="causal LMs: the prompt around each text, with one {text} "
+                                                 "(default 'Text: {text}\\nLabel:')")
+    p.add_argument("--label-words", default=None, metavar="W,W,...",
+                   help="causal LMs: one single-token answer word per class (default: the label names)")
 
 
 def prompt_options(args: argparse.Namespace) -> dict:

@@ -25,7 +25,8 @@ _OUTCOME_FIELDS = (("runs", "fp_correct"), ("runs", "qat_correct"), ("cells", "c
                    ("cells", "nll"), ("deployed", "deployed_correct"))
 
 
-DEPLOYED_CAPTION = ("Deployed (int8): each float arm's best W8A8 cell per seed, exported to ONNX QuantizeLinear/"
+DEPLOYED_CAPTION = ("Deployed (int8): each float arm's best W8A8 cell per seed (a grid without W8A8 cells: the "
+                    "method with the best W8A8 fake-quant accuracy), exported to ONNX QuantizeLinear/"
                     "DequantizeLinear with that method's scales and run on ONNX Runtime's integer kernels "
                     "(docs/deployment.md). Accuracy % mean ±95 % CI over seeds and examples; in parentheses the "
                     "paired difference to {baseline}'s deployed model in pp (* = CI excludes 0); agreement: test "

@@ -92,6 +92,7 @@ class DeployedResult:
     int8_ms: float             # ONNX Runtime on the exported file: median ms per test batch
     integer_ops: dict = field(default_factory=dict)  # ONNX Runtime integer op -> count after its fusions
     deployed_correct: dict = field(default_factory=dict)  # per-test-example correctness (pack_outcomes)
+    selected_by: str = "best W8A8 cell"  # how ``method`` was chosen
 
 
 def _slug(name: str) -> str:
