@@ -237,11 +237,15 @@ def test_export_bad_arguments_exit_2(method, name, message, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_real_minilm_export_matches_fake_quant(tmp_path):
-    """MiniLM-L6 (its asset, a fresh 2-class head) on 256 Rotten Tomatoes test sentences, RepQ-ViT W8A8."""
-    out = tmp_path / "repq.onnx"
+    """MiniLM-L6 fine-tuned for 80 steps on Rotten Tomatoes (a trained head: an untrained one leaves many
+    sentences at a near-tie that any rounding flips), RepQ-ViT W8A8, on 256 test sentences."""
     from s2d.pipeline.cli import main
-    assert main(["export", "minilm-l6", "--data", "rotten-tomatoes", "--method", "repq", "--out", str(out),
+    ft, out = tmp_path / "ft", tmp_path / "repq.onnx"
+    assert main(["finetune", "minilm-l6", "--data", "rotten-tomatoes", "--steps", "80",
+                 "--limit-eval", "256", "--out", str(ft), "--no-progress"]) == 0
+    assert main(["export", str(ft), "--data", "rotten-tomatoes", "--method", "repq", "--out", str(out),
                  "--limit-eval", "256", "--no-progress"]) == 0
     score = read_sidecar(out)["parity"]
-    assert score["examples"] == 256 and abs(score["difference"]) <= 0.005 and score["agreement"] >= 0.98
+    assert score["reference_accuracy"] > 0.65                         # the head learned something
+    assert score["examples"] == 256 and abs(score["difference"]) <= 0.01 and score["agreement"] >= 0.98
     assert read_sidecar(out)["integer_ops"].get("MatMulIntegerToFloat", 0) >= 36
