@@ -6,12 +6,14 @@ same logits), the float torch model (fp32 / int4 exports), a hand-computed matmu
 import copy
 import json
 
+import numpy as np
 import onnx
 import pytest
 import torch
 import transformers as tf
 
 from s2d.deploy import OnnxClassifier, export_onnx, optimized_ops, read_sidecar
+from s2d.deploy.embeddings import row_int8
 from s2d.deploy.lowering import ActivationQDQ, QDQLinear, WeightQDQ, lower_for_export
 from s2d.deploy.onnx_export import INTEGER_OPS, sidecar_path
 from s2d.pipeline.deployed import parity
@@ -62,6 +64,7 @@ def _quantized(model, batches, method, bits=8):
 def test_qdq_export_computes_what_s2d_computed_on_integer_kernels(method, tmp_path):
     q = _quantized(_bert(), [_text(seed=i) for i in range(4)], method)
     res = export_onnx(q, tmp_path / "m.onnx", _text(), "qdq")
+    assert res.embeddings == "float" and not res.int8_tables   # the default: s2d's own tables
     batch = _text(16, 10, seed=9)                    # other batch and sequence sizes than the example
     with torch.no_grad():
         want = q(**batch).logits
@@ -84,10 +87,13 @@ def test_qdq_export_computes_what_s2d_computed_on_integer_kernels(method, tmp_pa
 
 def test_qdq_file_stores_int8_weights(tmp_path):
     q = _quantized(_bert(), [_text()], "rtn")
-    path = export_onnx(q, tmp_path / "m.onnx", _text(), "qdq").path
-    graph = onnx.load(path).graph
+    res = export_onnx(q, tmp_path / "m.onnx", _text(), "qdq", embeddings="int8")
+    graph = onnx.load(res.path).graph
     int8 = [i for i in graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 2]
-    assert len(int8) == 14
+    assert res.embeddings == "int8" and any("word_embeddings" in t for t in res.int8_tables)
+    assert len(int8) == 14 + len(res.int8_tables)       # the 14 Linears' weights and the embedding tables
+    floats = [i for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT]
+    assert max(_numel(i) for i in floats) < 100 * 64     # no float table left as big as the vocabulary's
     assert all(n.op_type in {"QuantizeLinear", "DequantizeLinear"} or not n.domain for n in graph.node)  # standard ops
 
 
@@ -127,6 +133,58 @@ def test_causal_lm_export_at_a_fixed_shape_serves_any_smaller_batch(fmt, tmp_pat
         torch.testing.assert_close(onnx_model(**batch).logits, want, rtol=0, atol=1e-5 * float(want.abs().max()))
     with pytest.raises(ValueError, match="exported for at most 12"):
         onnx_model(**{k: v for k, v in _text(2, 13).items() if k != "token_type_ids"})
+
+
+def _numel(init):
+    n = 1
+    for d in init.dims:
+        n *= d
+    return n
+
+
+def _dequantized_rows(weight):
+    """Per-row symmetric int8 in torch, written out independently of s2d.deploy.embeddings."""
+    step = weight.abs().amax(dim=1, keepdim=True) / 127
+    return torch.round(weight / step).clamp(-127, 127) * step
+
+
+def test_row_int8_codes_against_the_closed_form():
+    w = torch.randn(50, 16, generator=torch.Generator().manual_seed(0)).numpy()
+    w[3] = 0.0
+    codes, scales = row_int8(w)
+    assert codes.dtype.name == "int8" and scales.shape == (50, 1) and scales[3, 0] == 1.0
+    nonzero = np.delete(np.arange(50), 3)
+    assert (np.abs(codes[nonzero]).max(axis=1) == 127).all()       # each row's peak lands on the top code
+    assert np.abs(codes * scales - w).max(axis=1).max() <= float(scales[nonzero].max()) / 2 + 1e-7
+    np.testing.assert_allclose(codes * scales, _dequantized_rows(torch.from_numpy(w)).nan_to_num().numpy(), atol=1e-7)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_int8_embedding_tables_compute_the_dequantized_lookup(tied, tmp_path):
+    """fp32 export with int8 tables == the torch model whose embedding rows are replaced by their int8
+    dequantization; a tied LM head keeps reading the float table."""
+    if tied:
+        from s2d.models import CausalLMClassifier
+        torch.manual_seed(0)
+        lm = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128,
+                                                num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                                tie_word_embeddings=True)).eval()
+        model, example = CausalLMClassifier(lm, [5, 6]), {k: v for k, v in _text(4, 12).items() if k != "token_type_ids"}
+    else:
+        model, example = _bert(), _text()
+    res = export_onnx(model, tmp_path / "e.onnx", example, "fp32", embeddings="int8")
+    assert res.int8_tables
+    reference = copy.deepcopy(model)
+    for module in list(reference.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, torch.nn.Embedding):  # a fresh module: unties a tied head from the lookup
+                setattr(module, name, torch.nn.Embedding.from_pretrained(_dequantized_rows(child.weight.detach())))
+    batch = example if tied else _text(6, 9, seed=4)
+    with torch.no_grad():
+        want, plain = reference(**batch).logits, model(**batch).logits
+    got = OnnxClassifier(res.path)(**batch).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * float(want.abs().max()))
+    assert float((got - plain).abs().max()) > 1e-6                  # the rounding is really in the graph
 
 
 def test_fp32_and_int4_exports_against_the_float_model(tmp_path):
@@ -176,6 +234,8 @@ def test_qdq_refuses_what_it_cannot_express(bits, match, tmp_path):
         export_onnx(model, tmp_path / "m.onnx", _text(), "qdq")
     with pytest.raises(ValueError, match="format must be one of"):
         export_onnx(model, tmp_path / "m.onnx", _text(), "int2")
+    with pytest.raises(ValueError, match="embeddings must be one of int8, float"):
+        export_onnx(model, tmp_path / "m.onnx", _text(), "fp32", embeddings="int4")
     with pytest.raises(ValueError, match="optimization must be one of"):
         OnnxClassifier(export_onnx(_bert(), tmp_path / "f.onnx", _text(), "fp32").path, optimization="max")
 
@@ -223,6 +283,10 @@ def test_export_then_evaluate_the_file(tmp_path, capsys):
     assert f"exported {100 * score['deployed_accuracy']:.2f}%" in printed and 0.9 <= score["agreement"] <= 1
     assert main(["evaluate", str(out), "--no-progress"]) == 0     # data, max_length from the sidecar
     assert f"{100 * score['deployed_accuracy']:.2f}%" in capsys.readouterr().out
+    small = tmp_path / "small.onnx"
+    assert _cli_export(model, data, small, "--method", "erq", "--embeddings", "int8") == 0
+    assert "int8 embeddings" in capsys.readouterr().out
+    assert read_sidecar(small)["embeddings"] == "int8" and small.stat().st_size < out.stat().st_size
 
 
 @pytest.mark.parametrize("method,name,message", [("gptq", "m.onnx", "--method must be one of"),

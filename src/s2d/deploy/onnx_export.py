@@ -10,6 +10,11 @@
 - ``"int4"``: the float export, then ONNX Runtime's ``MatMulNBitsQuantizer`` (block-wise 4-bit weights,
   ``MatMulNBits``; activations stay float: W4A16).
 
+``embeddings="int8"`` then stores the embedding tables as per-row int8 (:mod:`s2d.deploy.embeddings`):
+no PTQ method quantizes them, and in float they are most of the file. The default, ``"float"``, keeps
+the file computing what s2d computed; int8 tables change a W8A8 model's predictions on ~2 % of
+Rotten Tomatoes sentences (docs/deployment.md).
+
 Every export writes ``<name>.s2d.json`` beside the model: what it came from and how to feed it
 (:mod:`s2d.deploy.runtime` reads it back).
 
@@ -35,15 +40,17 @@ import onnxruntime as ort
 import torch
 from torch import Tensor, nn
 
+from s2d.deploy.embeddings import quantize_embedding_tables
 from s2d.deploy.lowering import Site, lower_for_export
 from s2d.models import CausalLMClassifier
 from s2d.quant.prepare import named_quantizers, set_quantization
 from s2d.utils import eval_mode, write_json
 
-__all__ = ["FORMATS", "INTEGER_OPS", "FLOAT_MATMUL_OPS", "ExportResult", "export_onnx", "optimized_ops", "session_options",
+__all__ = ["FORMATS", "EMBEDDINGS", "INTEGER_OPS", "FLOAT_MATMUL_OPS", "ExportResult", "export_onnx", "optimized_ops", "session_options",
            "sidecar_path", "move_export"]
 
 FORMATS = ("fp32", "qdq", "int4")
+EMBEDDINGS = ("int8", "float")  # how export_onnx stores the Gather tables (s2d.deploy.embeddings)
 # ONNX Runtime CPU ops that compute on integer codes (after its QDQ fusions)
 INTEGER_OPS = ("MatMulIntegerToFloat", "MatMulInteger", "QLinearMatMul", "DynamicQuantizeMatMul", "QGemm",
                "QLinearConv", "ConvInteger", "MatMulNBits", "QAttention")
@@ -66,6 +73,8 @@ class ExportResult:
     sites: list[dict] = field(default_factory=list)  # qdq: every quantization site (s2d.deploy.lowering.Site)
     meta: dict = field(default_factory=dict)         # caller's metadata (source model, data, method, bits)
     static_shape: list[int] | None = None  # (B, T) every input is fixed to (causal LMs); None: dynamic
+    embeddings: str = "float"       # "int8": the tables below are stored as per-row int8 codes; "float": as is
+    int8_tables: list[str] = field(default_factory=list)  # names of the Gather tables stored as int8
 
 
 class _Logits(nn.Module):
@@ -94,7 +103,7 @@ def move_export(src: str | Path, dst: str | Path) -> None:
 
 
 def export_onnx(model: nn.Module, path: str | Path, example: Mapping[str, Tensor], fmt: str = "qdq", *,
-                block_size: int = 32, meta: Mapping | None = None) -> ExportResult:
+                block_size: int = 32, embeddings: str = "float", meta: Mapping | None = None) -> ExportResult:
     """Write ``model`` (a classifier returning ``.logits``) as ONNX in format ``fmt`` (see the module doc).
 
     ``example``: one batch of model inputs (labels are ignored), e.g. {"input_ids": (B, T) int64, ...};
@@ -102,12 +111,15 @@ def export_onnx(model: nn.Module, path: str | Path, example: Mapping[str, Tensor
     is fixed to the example's (B, T) (pad the example to the longest sequence it will see; see the
     module doc). ``model`` is not modified (a copy is
     lowered). ``block_size``: int4 block along the input dimension (16..256, a power of two).
+    ``embeddings``: "float" (default) or "int8" storage of the embedding tables (see the module doc).
     ``meta``: JSON metadata stored in the sidecar (``source``, ``data``, ``max_length``, ...).
     """
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     if fmt == "int4" and (block_size < 16 or block_size > 256 or block_size & (block_size - 1)):
         raise ValueError(f"block_size must be a power of two in [16, 256], got {block_size}")
+    if embeddings not in EMBEDDINGS:
+        raise ValueError(f"embeddings must be one of {', '.join(EMBEDDINGS)}, got {embeddings!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     names = [k for k in example if k not in _NOT_INPUTS]
@@ -126,11 +138,12 @@ def export_onnx(model: nn.Module, path: str | Path, example: Mapping[str, Tensor
             _int4(raw, path, block_size)
         else:
             _basic_optimize(raw, path)
+    tables = _int8_embeddings(path) if embeddings == "int8" else []
     ops = optimized_ops(path)
     result = ExportResult(str(path), fmt, path.stat().st_size, names,
                           {k: v for k, v in ops.items() if k in INTEGER_OPS},
                           sum(ops.get(k, 0) for k in FLOAT_MATMUL_OPS), [asdict(s) for s in sites], dict(meta or {}),
-                          static)
+                          static, embeddings, tables)
     write_json(sidecar_path(path), asdict(result))
     return result
 
@@ -187,6 +200,13 @@ def _basic_optimize(src: Path, dst: Path) -> None:
     redundant-node removal, standard ONNX ops only, so ``dst`` runs on any ONNX runtime."""
     ort.InferenceSession(str(src), session_options(ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, dst),
                          providers=["CPUExecutionProvider"])
+
+
+def _int8_embeddings(path: Path) -> list[str]:
+    model = onnx.load(str(path))
+    tables = quantize_embedding_tables(model)
+    onnx.save(model, str(path))
+    return tables
 
 
 def _int4(src: Path, dst: Path, block_size: int) -> None:
