@@ -3,7 +3,8 @@ fp32, W8A8 QDQ (integer kernels) and weight-only int4, side by side in one run.
 
 For each model (default: minilm-l6; add smollm2-135m with ``--models minilm-l6,smollm2-135m``) the
 float model gets a head for ``--data`` (random: speed does not depend on it), is quantized at W8A8
-with ``--method`` on real calibration batches, and is exported three ways with :func:`s2d.deploy.export_onnx`.
+with ``--method`` on real calibration batches, and is exported five ways with :func:`s2d.deploy.export_onnx` (fp32; W8A8 and int4, each with float
+and with int8 embedding tables).
 Every backend then runs in a fresh subprocess of this script (so that peak memory is its own):
 
 - throughput: sequences / s on a (``--batch``, ``--seq``) batch of random token ids, from the median of
@@ -37,7 +38,9 @@ import numpy as np
 
 from s2d.deploy.runtime import median_ms
 
-BACKENDS = ("torch-fp32", "torch-fakequant-w8a8", "torchao-int8-dynamic", "ort-fp32", "ort-qdq-w8a8", "ort-int4")
+BACKENDS = ("torch-fp32", "torch-fakequant-w8a8", "torchao-int8-dynamic", "ort-fp32", "ort-qdq-w8a8",
+            "ort-qdq-w8a8-int8emb", "ort-int4", "ort-int4-int8emb")
+# *-int8emb: the same export with embeddings="int8" (per-row int8 embedding tables, s2d.deploy.embeddings)
 # torchao-int8-dynamic: the float model through torchao's Int8DynamicActivationInt8WeightConfig (its own
 # per-token dynamic activation scales, not s2d's calibrated ones), eager; skipped when torchao is missing
 
@@ -136,11 +139,14 @@ def prepare(name: str, args: argparse.Namespace, tmp: Path) -> tuple[dict[str, P
     paths = {"torch-fp32": tmp / "fp32.pt", "torchao-int8-dynamic": tmp / "fp32.pt"}
     torch.save(model, paths["torch-fp32"])
     exports = {"ort-fp32": export_onnx(model, tmp / "fp32.onnx", example, "fp32"),
-               "ort-int4": export_onnx(model, tmp / "int4.onnx", example, "int4", block_size=args.block_size)}
+               "ort-int4": export_onnx(model, tmp / "int4.onnx", example, "int4", block_size=args.block_size),
+               "ort-int4-int8emb": export_onnx(model, tmp / "int4e.onnx", example, "int4", block_size=args.block_size,
+                                               embeddings="int8")}
     quantize_model(model, QuantConfig(w_bits=8, a_bits=8), method=args.method, calib=calib, progress=False)
     paths["torch-fakequant-w8a8"] = tmp / "fq.pt"
     torch.save(model, paths["torch-fakequant-w8a8"])
     exports["ort-qdq-w8a8"] = export_onnx(model, tmp / "qdq.onnx", example, "qdq")
+    exports["ort-qdq-w8a8-int8emb"] = export_onnx(model, tmp / "qdqe.onnx", example, "qdq", embeddings="int8")
     paths.update({k: Path(r.path) for k, r in exports.items()})
     linear_bytes = sum(4 * m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     summary = {k: {"integer_ops": r.integer_ops, "float_matmuls": r.float_matmuls} for k, r in exports.items()}
