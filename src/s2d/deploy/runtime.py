@@ -55,8 +55,7 @@ class OnnxClassifier(nn.Module):
         self.session = ort.InferenceSession(self.path, session_options(OPTIMIZATION_LEVELS[optimization], threads=threads),
                                             providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.session.get_inputs()]
-        side = sidecar_path(path)
-        self.static_shape = json.loads(side.read_text()).get("static_shape") if side.is_file() else None
+        self.static_shape = read_sidecar(path).get("static_shape") if sidecar_path(path).is_file() else None
 
     def forward(self, **batch: Tensor) -> SimpleNamespace:
         feeds = {n: batch[n].detach().cpu() for n in self.input_names}
