@@ -20,6 +20,7 @@ SRC = ROOT / "src" / "s2d"
 LAYERS = [
     ("s2d.utils", "s2d.spectral", "s2d.stats"),
     ("s2d.regularizer",),
+    ("s2d.colinearity",),           # Colinearity Decay, the competing regularizer (torch only)
     ("s2d",),                       # the package root: the S2D facade (regularizer + spectral)
     ("s2d.integrations",),
     ("s2d.assets",),

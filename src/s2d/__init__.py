@@ -3,7 +3,9 @@
 Public API (stable):
 
     from s2d import S2DConfig, SelectiveSpectralDecay, pcdr_curve
+    from s2d import CDConfig, ColinearityDecay      # the competing regularizer (docs/colinearity.md)
 """
+from s2d.colinearity import CDConfig, ColinearityDecay, Pair
 from s2d.regularizer import LayerStats, S2DConfig, SelectiveSpectralDecay
 from s2d.spectral import Spectrum, pcdr_curve, select_rank, spectrum, spectra, top_k
 
@@ -11,6 +13,9 @@ __all__ = [
     "S2DConfig",
     "SelectiveSpectralDecay",
     "LayerStats",
+    "CDConfig",
+    "ColinearityDecay",
+    "Pair",
     "Spectrum",
     "pcdr_curve",
     "select_rank",

@@ -13,8 +13,10 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from s2d.colinearity import PAIR_KINDS, Pair
+
 __all__ = ["BlockInfo", "LAYOUTS", "HEAD_LEAVES", "blocks", "linear_roles", "head_names", "ffn_modules",
-           "is_ffn_name"]
+           "is_ffn_name", "colinearity_pairs"]
 
 
 @dataclass
@@ -167,3 +169,38 @@ def ffn_modules(model: nn.Module) -> dict[str, nn.Linear]:
     roles = linear_roles(model)
     chosen = {n: m for n, m in linears.items() if roles.get(n) in ("fc1", "fc2")}
     return chosen or {n: m for n, m in linears.items() if is_ffn_name(n)}
+
+
+def colinearity_pairs(model: nn.Module, kinds: tuple[str, ...] = PAIR_KINDS) -> list[Pair]:
+    """Colinearity Decay's ordered pairs of every block, from the block layout (not from name strings).
+
+    ``"attn"``: attention value -> output projection (the v rows of a fused qkv Linear; grouped-query
+    kv heads repeated for the query heads they feed); ``"ffn"``: FFN up -> down (the up projection of
+    a gated MLP). Empty for a model no layout matches.
+    """
+    unknown = [k for k in kinds if k not in PAIR_KINDS]
+    if unknown:
+        raise ValueError(f"colinearity_pairs: unknown kinds {unknown}; allowed: {', '.join(PAIR_KINDS)}")
+    modules = dict(model.named_modules())
+    pairs = []
+    for b in blocks(model):
+        if "attn" in kinds:
+            pairs.append(_value_pair(b, modules))
+        if "ffn" in kinds:
+            pairs.append(Pair(b.fc1[-1], b.fc2, "ffn"))
+    return pairs
+
+
+def _value_pair(block: BlockInfo, modules: dict[str, nn.Module]) -> Pair:
+    """The (value -> attention output) pair of one block."""
+    v_name = block.qkv[-1]
+    rows_out = modules[v_name].weight.shape[0]
+    rows = None
+    if len(block.qkv) == 1:          # fused qkv: q, k, v stacked by rows
+        rows_out //= 3
+        rows = (2 * rows_out, 3 * rows_out)
+    reads = modules[block.attn_out].weight.shape[1]
+    if reads == rows_out:
+        return Pair(v_name, block.attn_out, "attn", rows=rows)
+    head_dim = int(getattr(modules[block.attention], "head_dim", 0))   # grouped-query attention
+    return Pair(v_name, block.attn_out, "attn", rows=rows, head_dim=head_dim, kv_repeat=reads // rows_out)
