@@ -1,4 +1,5 @@
-"""Framework adapters: transformers.Trainer (S2DCallback) and PyTorch Lightning (S2DLightningCallback)."""
+"""Framework adapters: transformers.Trainer (S2DCallback, CDCallback) and PyTorch Lightning
+(S2DLightningCallback, CDLightningCallback)."""
 from __future__ import annotations
 
 import copy
@@ -8,15 +9,18 @@ import pytest
 import torch
 from torch import nn
 
+from s2d.colinearity import CDConfig, ColinearityDecay, Pair, alignment
 from s2d.regularizer import S2DConfig, SelectiveSpectralDecay
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from s2d.integrations.hf import STATE_FILE, S2DCallback, unwrap_optimizer  # noqa: E402
+from s2d.integrations.hf import CD_STATE_FILE, STATE_FILE, CDCallback, S2DCallback, unwrap_optimizer  # noqa: E402
+from s2d.models import colinearity_pairs  # noqa: E402
 
 STEPS = 6
 CFG = S2DConfig(strength=1.0, power=2.0, tau=0.5, k_max=2, interval=2)
+CD = CDConfig(strength=20.0, keep_top=2, interval=2)
 
 
 # ----------------------------------------------------------------------------- transformers.Trainer
@@ -101,6 +105,29 @@ def test_hf_trainer_refreshes_penalises_checkpoints_and_resumes(tmp_path):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=n)
 
 
+def _pair_alignment(model: nn.Module, pair: Pair) -> float:
+    return float(alignment(model.get_submodule(pair.first).weight.detach(), model.get_submodule(pair.second).weight.detach()))
+
+
+@pytest.mark.slow
+def test_hf_trainer_with_cd_lowers_alignment_checkpoints_and_resumes(tmp_path):
+    cb = CDCallback(CD, pairs=colinearity_pairs)
+    with_cd = _trainer(tmp_path / "cd", [cb])
+    with_cd.train()
+    plain = _trainer(tmp_path / "plain", [])
+    plain.train()
+    assert cb.decay.step == STEPS and not cb.decay._handles and len(cb.pair_stats()) == 4
+    for pair in cb.decay.pairs:
+        assert _pair_alignment(with_cd.model, pair) < _pair_alignment(plain.model, pair)
+    assert torch.load(tmp_path / "cd" / "checkpoint-3" / CD_STATE_FILE, weights_only=True)["step"] == 3
+    cb2 = CDCallback(CD, pairs=colinearity_pairs)
+    resumed = _trainer(tmp_path / "cd", [cb2])
+    resumed.train(resume_from_checkpoint=str(tmp_path / "cd" / "checkpoint-3"))
+    assert cb2.decay.step == STEPS
+    for (n, a), b in zip(with_cd.model.named_parameters(), resumed.model.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=n)
+
+
 # ----------------------------------------------------------------------------- PyTorch Lightning
 def _mlp() -> nn.Module:
     torch.manual_seed(0)
@@ -174,3 +201,39 @@ def test_lightning_callback_matches_manual_loop(tmp_path):
     assert cb2.decay.step == STEPS
     assert [s.k_target for s in cb2.layer_stats()] == [s.k_target for s in ref.layer_stats()]
     cb2.on_fit_end(trainer, module)
+
+
+@pytest.mark.slow
+def test_cd_lightning_callback_matches_manual_loop(tmp_path):
+    pl = pytest.importorskip("lightning.pytorch")
+    from s2d.integrations.lightning import CDLightningCallback
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = _mlp()
+
+        def training_step(self, batch, idx):
+            return nn.functional.mse_loss(self.net(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=1e-2, weight_decay=0.0)
+
+    data = _regression()
+    module = Module()
+    cb = CDLightningCallback(CD, pairs=[Pair("net.0", "net.2", "ffn"), Pair("net.2", "net.4", "ffn")])
+    trainer = pl.Trainer(max_steps=STEPS, accelerator="cpu", devices=1, callbacks=[cb], logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=str(tmp_path))
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=None, shuffle=False))
+    net = _mlp()
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2, weight_decay=0.0)
+    ref = ColinearityDecay(net, opt, CD, [Pair("0", "2", "ffn"), Pair("2", "4", "ffn")])
+    for x, y in data:
+        nn.functional.mse_loss(net(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    for a, b in zip(module.net.parameters(), net.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    assert [s.alignment for s in cb.pair_stats()] == pytest.approx([s.alignment for s in ref.pair_stats()], rel=1e-5)
+    assert cb.state_dict()["cd"]["step"] == STEPS
