@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from s2d.colinearity import CDConfig
 from s2d.pipeline.config import ARM_KINDS, scale_interval
 from s2d.pipeline.parse import default_config_text, from_dict, load_config
 from s2d.quant import Bits, RTNConfig
@@ -60,11 +61,15 @@ def test_all_arm_kinds_and_sweep():
     assert by["muon+s2d"].optimizer == "muon" and by["muon+s2d"].s2d_config is not None
     assert {n for n in by if n.startswith("qat")} == {"qat@W4A4", "qat@W3A4", "qat+s2d@W4A4", "qat+s2d@W3A4"}
     assert by["adamw+s2d[strength=0.001]"].s2d_config.strength == 1e-3
+    assert by["adamw+cd"].cd_config == CDConfig() and by["adamw+cd"].s2d_config is None
+    assert all(a.cd_config is None for n, a in by.items() if n != "adamw+cd")
 
 
 BAD = [
     ({**BASE, "trainer": {}}, "unknown config section 'trainer'"),
     (with_("train.stepz", 3), "unknown key train.stepz"),
+    (with_("cd.strength", -1.0), "CDConfig.strength must be a finite number >= 0"),
+    (with_("cd.keep", 1), "unknown key cd.keep"),
     (with_("model.revision", "x"), "unknown key model.revision"),
     (with_("arms.names", ["adamw", "sgd"]), "unknown arm 'sgd' in arms.names"),
     (with_("arms.names", []), "arms.names must be a non-empty list"),

@@ -343,3 +343,22 @@ def test_run_with_sensitivity(tiny, tmp_path):
     assert (out / "figures" / "sensitivity.png").exists()
     again = run_experiment(cfg, out, progress=False, cell_fn=CountingCell())
     assert again.sensitivity == res.sensitivity                     # read back, not recomputed
+
+
+def test_cd_arm_trains_with_cd_and_every_arm_reports_pair_alignment(tiny, tmp_path):
+    from s2d.pipeline.report import write_report
+    cfg = from_dict(raw_config(*tiny, arms={"names": ["adamw", "adamw+cd"]},
+                               quant={"bits": ["W8A8"], "methods": ["rtn"], "method_bits": {}},
+                               cd={"strength": 200.0, "keep_top": 2, "interval": 2}))
+    out = tmp_path / "run"
+    res = run_experiment(cfg, out, progress=False, cell_fn=CountingCell())
+    runs = {r["name"]: r for r in res.runs}
+    assert res.arms["adamw+cd"]["cd_config"] == {"strength": 200.0, "keep_top": 2, "interval": 2}
+    assert runs["adamw"]["train"]["cd_stats"] is None and len(runs["adamw+cd"]["train"]["cd_stats"]) == 4
+    for arm in ("adamw", "adamw+cd"):       # 2 blocks x (value -> output, up -> down), measured for every arm
+        assert [p["kind"] for p in runs[arm]["alignment"]] == ["attn", "ffn"] * 2
+    for plain, cd in zip(runs["adamw"]["alignment"], runs["adamw+cd"]["alignment"]):
+        assert cd["alignment"] < plain["alignment"]
+    write_report(res, out)
+    md = (out / "report.md").read_text()
+    assert "## Pair alignment (Colinearity Decay's measure)" in md and "| adamw+cd | ffn |" in md

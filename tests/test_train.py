@@ -14,7 +14,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from s2d.colinearity import CDConfig
 from s2d.models import ffn_modules
+from s2d.regularizer import S2DConfig
 from s2d.train import TrainConfig, evaluate, finetune
 from s2d.train.evaluate import probe_max_abs
 from s2d.train.optim import build_optimizers, lr_lambda
@@ -141,10 +143,14 @@ def test_loss_falls_and_accuracy(optimizer, loss_ratio, min_acc):
     assert correct / total >= min_acc
 
 
-def test_resume_equals_uninterrupted(tmp_path):
+@pytest.mark.parametrize("cd,s2d", [(None, None), (CDConfig(strength=20.0, keep_top=2, interval=3), None),
+                                    (None, S2DConfig(strength=1.0, update="decoupled", selection="all", interval=3))])
+def test_resume_equals_uninterrupted(tmp_path, cd, s2d):
+    """Also with a decoupled regularizer: its step reads the lr the scheduler sets after the resume
+    (optimizer.load_state_dict replaces the param-group dicts)."""
     cfg = TrainConfig(steps=12, lr=2e-3, save_every=5, eval_every=4, grad_accum=2, seed=3)
     ref_bundle = tiny_bundle()
-    ref = finetune(ref_bundle, tiny_loaders(n_train=80), cfg, progress=False)
+    ref = finetune(ref_bundle, tiny_loaders(n_train=80), cfg, progress=False, cd_config=cd, s2d_config=s2d)
 
     class Stop(Exception):
         pass
@@ -155,11 +161,14 @@ def test_resume_equals_uninterrupted(tmp_path):
 
     bundle = tiny_bundle()
     with pytest.raises(Stop):
-        finetune(bundle, tiny_loaders(n_train=80), cfg, out_dir=tmp_path, progress=False, callback=stop_at_7)
+        finetune(bundle, tiny_loaders(n_train=80), cfg, out_dir=tmp_path, progress=False, callback=stop_at_7,
+                 cd_config=cd, s2d_config=s2d)
     assert (tmp_path / "latest").read_text() == "ckpt-0000005"
     resumed_bundle = tiny_bundle(seed=99)        # different init: everything must come from the checkpoint
-    res = finetune(resumed_bundle, tiny_loaders(n_train=80), cfg, out_dir=tmp_path, progress=False)
+    res = finetune(resumed_bundle, tiny_loaders(n_train=80), cfg, out_dir=tmp_path, progress=False, cd_config=cd,
+                   s2d_config=s2d)
     assert res.resumed_from == 5
+    assert (res.cd_stats is None) == (cd is None) and res.cd_stats == ref.cd_stats
     assert [s for s, _ in res.loss_history] == list(range(1, 13))
     torch.testing.assert_close(torch.tensor(res.loss_history), torch.tensor(ref.loss_history))
     for (n, a), (_, b) in zip(ref_bundle.model.state_dict().items(), resumed_bundle.model.state_dict().items()):

@@ -4,6 +4,8 @@
 streaming statistics of its output (or input) values a: max |a|, Pearson kurtosis, p99/p99.9 of |a|
 (exact in practice, see :func:`capture_activations`) and a uniform random sample of a for violin plots.  ``spectral_table`` adds σ_max, the PCDR curve of
 each layer's largest |output| entry and k_target, computed by the same code as the S2D refresh.
+``pair_alignments`` measures every (value -> output, up -> down) pair's alignment, Colinearity Decay's
+quantity (:mod:`s2d.colinearity.penalty`), for any model, trained with CD or not.
 """
 from __future__ import annotations
 
@@ -16,15 +18,17 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from s2d.models import linear_roles
+from s2d.colinearity import PAIR_KINDS, alignment, alignment_ratio, top_alignment
+from s2d.colinearity.penalty import effective_first, first_block
+from s2d.models import colinearity_pairs, linear_roles
 from s2d.regularizer import ActivationPeak, S2DConfig, compute_refresh
 from s2d.regularizer.refresh import find_peak, reduce_peaks
 from s2d.utils import eval_mode, real_tokens, to_device, token_mask
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ActivationStats", "LayerReport", "PeakLocation", "capture_activations", "spectral_table", "peak_locations",
-           "quantile_from_top"]
+__all__ = ["ActivationStats", "LayerReport", "PeakLocation", "PairAlignment", "capture_activations", "spectral_table",
+           "peak_locations", "pair_alignments", "quantile_from_top"]
 
 _TAIL = 0.02   # fraction of the largest |a| kept (2x what p99 needs, slack for later batches)
 
@@ -299,3 +303,29 @@ def peak_locations(model: nn.Module, batches: Iterable[dict], modules: Mapping[s
 
     _run(model, counted(batches), modules, make, progress, "peaks", current)
     return found
+
+
+@dataclass
+class PairAlignment:
+    """One ordered pair of a block (``s2d.models.colinearity_pairs``): how aligned it is, and its gains."""
+    first: str                 # the Linear applied first (attention value, FFN up)
+    second: str                # the Linear applied second (attention output, FFN down)
+    kind: str                  # "attn" or "ffn"
+    alignment: float           # R·d_mid (s2d.colinearity.alignment_ratio): 1 = chance orientation
+    top_alignment: float       # ‖BA‖₂ / (‖A‖₂‖B‖₂) in [0, 1]: 1 = the two top directions aligned
+    sigma_first: float         # σ_max of the first weight (its rows that feed the second)
+    sigma_second: float        # σ_max of the second weight
+
+
+def pair_alignments(model: nn.Module, kinds: tuple[str, ...] = PAIR_KINDS) -> list[PairAlignment]:
+    """Alignment and σ_max of every pair of the model's block layout (empty when no layout matches)."""
+    modules = dict(model.named_modules())
+    out = []
+    for p in colinearity_pairs(model, kinds):
+        block = first_block(modules[p.first].weight.detach().float(), p)
+        b = modules[p.second].weight.detach().float()
+        a = effective_first(block, p)
+        out.append(PairAlignment(p.first, p.second, p.kind, alignment_ratio(alignment(a, b), b.shape[1]),
+                                 top_alignment(a, b), float(torch.linalg.matrix_norm(block, ord=2)),
+                                 float(torch.linalg.matrix_norm(b, ord=2))))
+    return out

@@ -68,9 +68,9 @@ class ColinearityDecay:
         self.optimizer = optimizer
         self.pairs = list(pairs(model) if callable(pairs) else pairs)
         modules = dict(model.named_modules())
-        groups = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+        groups = {id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
         self._weights: dict[str, Tensor] = {}
-        self._groups: dict[str, dict] = {}
+        self._groups: dict[str, int] = {}      # param-group index (load_state_dict replaces the group dicts)
         for pair in self.pairs:
             for name in (pair.first, pair.second):
                 self._bind(name, modules, groups)
@@ -81,7 +81,7 @@ class ColinearityDecay:
         self._handles = [optimizer.register_step_post_hook(self._post_step)]
         logger.info("CD attached to %d pairs (%s)", len(self.pairs), config)
 
-    def _bind(self, name: str, modules: Mapping[str, nn.Module], groups: Mapping[int, dict]) -> None:
+    def _bind(self, name: str, modules: Mapping[str, nn.Module], groups: Mapping[int, int]) -> None:
         module = modules.get(name)
         weight = getattr(module, "weight", None)
         if not isinstance(weight, Tensor) or weight.dim() != 2:
@@ -136,7 +136,7 @@ class ColinearityDecay:
         moves = ((pair.first, _block_key(pair), first_block(w_first, pair), step_first),
                  (pair.second, pair.second, w_second, step_second))
         for name, key, target, step in moves:
-            lr = float(self._groups[name]["lr"])
+            lr = float(self.optimizer.param_groups[self._groups[name]]["lr"])
             if self._weights[name].grad is None or lr == 0.0 or not torch.isfinite(step).all():
                 continue
             if key in self._factors:

@@ -8,19 +8,21 @@ from dataclasses import dataclass, field, replace
 
 from s2d.quant import Bits, QuantConfig
 from s2d.quant.api import method_config
+from s2d.colinearity import CDConfig
 from s2d.regularizer import S2DConfig
 from s2d.train import ConditionConfig, TrainConfig
 
 __all__ = ["ARM_KINDS", "SWEEP_KEYS", "SECTIONS", "DATA_FORMATS", "ModelConfig", "DataConfig", "ArmConfig",
            "QuantGridConfig", "ProbeConfig", "DeployConfig", "ExperimentConfig", "DEFAULT_PROMPT", "check_int", "check_str", "scale_interval"]
 
-ARM_KINDS = ("adamw", "adamw+s2d", "adamw+s2d-rel", "adamw+condition", "muon", "muon+s2d", "adamw+s2d-all",
-             "qat", "qat+s2d")
+ARM_KINDS = ("adamw", "adamw+s2d", "adamw+s2d-rel", "adamw+condition", "adamw+cd", "muon", "muon+s2d",
+             "adamw+s2d-all", "qat", "qat+s2d")
 # adamw+s2d-rel: S2D with the relative update (S2DConfig.update="relative"), guarded by s2d.guard_examples;
-# adamw+condition: the adamw arm of the same seed, then conditioned without labels ([condition], `s2d condition`)
+# adamw+condition: the adamw arm of the same seed, then conditioned without labels ([condition], `s2d condition`);
+# adamw+cd: Colinearity Decay ([cd], s2d.colinearity) on the block layout's (value -> output, up -> down) pairs
 SWEEP_KEYS = ("strength", "interval", "k_max", "tau", "power", "update")
-SECTIONS = ("name", "seed", "seeds", "model", "data", "train", "s2d", "arms", "sweep", "condition", "quant", "probes",
-            "deploy", "quick")
+SECTIONS = ("name", "seed", "seeds", "model", "data", "train", "s2d", "cd", "arms", "sweep", "condition", "quant",
+            "probes", "deploy", "quick")
 DATA_FORMATS = ("csv", "jsonl", "imagefolder", "npz")
 DEFAULT_PROMPT = "Text: {text}\nLabel:"   # the causal-LM prompt when data.prompt is not set
 
@@ -91,6 +93,7 @@ class ArmConfig:
     optimizer: str                     # "adamw" or "muon"
     s2d_config: S2DConfig | None = None  # S2D for this arm (None: off)
     qat_bits: Bits | None = None       # QAT at these bits (None: float training)
+    cd_config: CDConfig | None = None  # Colinearity Decay for this arm (None: off)
 
 
 @dataclass(frozen=True)
@@ -152,6 +155,7 @@ class ExperimentConfig:
     data: DataConfig
     train: TrainConfig
     s2d_config: S2DConfig              # base for the S2D arms
+    cd_config: CDConfig                # the adamw+cd arm's Colinearity Decay ([cd])
     min_refreshes: int                 # the S2D interval shrinks so that a run refreshes this often
     guard_examples: int                # validation examples whose loss guards the relative update (0: none)
     condition: ConditionConfig         # the adamw+condition arm's self-distillation

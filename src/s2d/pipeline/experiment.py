@@ -32,7 +32,7 @@ from s2d.pipeline.config import DEFAULT_PROMPT, ArmConfig, DataConfig, Experimen
 from s2d.pipeline.deployed import deploy_best
 from s2d.pipeline.provenance import machine, versions
 from s2d.pipeline.rundir import ArmResult, CellResult, RunDir, pack_outcomes
-from s2d.probes import capture_activations, spectral_table
+from s2d.probes import capture_activations, pair_alignments, spectral_table
 from s2d.quant import Bits, QuantConfig, available_methods, quantize_model, set_quantization
 from s2d.quant.api import check_method
 from s2d.quant.sensitivity import first_examples, site_sensitivity
@@ -145,7 +145,7 @@ def train_arm(arm: ArmConfig, task: _Task) -> tuple[ArmResult, nn.Module]:
     guard = first_examples(loaders.val, cfg.guard_examples) if relative and cfg.guard_examples else None
     tres = finetune(arm_bundle, loaders, dataclasses.replace(cfg.train, seed=seed), optimizer=arm.optimizer,
                     s2d_config=arm.s2d_config, qat=qat, qat_calib=task.calib, out_dir=train_dir, progress=progress,
-                    guard_batches=guard)
+                    guard_batches=guard, cd_config=arm.cd_config)
     model = arm_bundle.model
     qat_hits = None
     if qat is not None:
@@ -192,7 +192,8 @@ def _finish_arm(arm: ArmConfig, task: _Task, model: nn.Module, train: dict, t0: 
                     fp_accuracy=fp_acc, qat_accuracy=qat_acc, train=train, probes=probes,
                     activations=acts, wall_s=time.perf_counter() - t0, fp_correct=pack_outcomes(fp.correct),
                     qat_correct=pack_outcomes(qat_hits) if qat_hits is not None else None,
-                    fp_nll=pack_outcomes(fp.nll) if fp.nll is not None else None)
+                    fp_nll=pack_outcomes(fp.nll) if fp.nll is not None else None,
+                    alignment=[jsonable(p) for p in pair_alignments(model)])
     run.save_arm(res)
     logger.info("arm %s seed %d: fp acc %.4f%s (%.0f s)", arm.name, seed, fp_acc,
                 f", QAT {res.qat_bits} acc {qat_acc:.4f}" if qat_acc is not None else "", res.wall_s)
@@ -261,6 +262,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: Path | str, progress: bool = 
             logger.info("%s: nothing was computed; the folder is free again", run.root)
         raise
     arm_info = {a.name: {"kind": a.kind, "optimizer": a.optimizer, "s2d_config": jsonable(a.s2d_config),
+                         "cd_config": jsonable(a.cd_config),
                          "qat_bits": a.qat_bits.name if a.qat_bits else None} for a in arms}
     return ExperimentResult(config=cfg.raw, fingerprint=cfg.fingerprint(), seeds=list(cfg.seeds), arms=arm_info,
                             runs=runs, cells=cells, methods=methods, notes=notes,

@@ -15,6 +15,7 @@ from importlib import resources
 from pathlib import Path
 
 from s2d import assets
+from s2d.colinearity import CDConfig
 from s2d.pipeline.config import (
     ARM_KINDS, SECTIONS, SWEEP_KEYS, ArmConfig, DataConfig, DeployConfig, ExperimentConfig, ModelConfig, ProbeConfig,
     QuantGridConfig, check_int,
@@ -92,7 +93,8 @@ def from_dict(raw: dict, quick: bool = False, check_names: bool = True,
     if "seed" in cond_tab:
         raise ValueError("condition.seed is set per run from the top-level seeds = [...]; remove it from [condition]")
     condition = ConditionConfig(**{**cond_tab, "seed": seeds[0]})
-    arms = _build_arms(merged.get("arms", {}), sweep, base_s2d)
+    cd_config = CDConfig(**_known("cd", merged.get("cd", {}), CDConfig))
+    arms = _build_arms(merged.get("arms", {}), sweep, base_s2d, cd_config)
     quant = _build_quant(merged.get("quant", {}), quick)
     probes = ProbeConfig(**_known("probes", merged.get("probes", {}), ProbeConfig))
     deploy_tab = _known("deploy", merged.get("deploy", {}), DeployConfig)
@@ -105,6 +107,7 @@ def from_dict(raw: dict, quick: bool = False, check_names: bool = True,
         _check_asset("model.name", model.name, "model")
         _check_asset("data.dataset", data.dataset, "dataset")
     return ExperimentConfig(name=name, seeds=seeds, model=model, data=data, train=train, s2d_config=base_s2d,
+                            cd_config=cd_config,
                             min_refreshes=min_refreshes, guard_examples=guard_examples, condition=condition,
                             arms=arms, quant=quant, probes=probes, deploy=deploy_cfg,
                             raw=merged)
@@ -159,7 +162,7 @@ def _merge_quick(raw: dict, quick: bool) -> dict:
     return merged
 
 
-def _build_arms(table: dict, sweep: dict, base_s2d: S2DConfig) -> tuple[ArmConfig, ...]:
+def _build_arms(table: dict, sweep: dict, base_s2d: S2DConfig, cd_config: CDConfig) -> tuple[ArmConfig, ...]:
     table = _known("arms", table, None, ("names", "qat_bits"))
     names = table.get("names", ["adamw", "adamw+s2d"])
     if not isinstance(names, list) or not names:
@@ -181,7 +184,7 @@ def _build_arms(table: dict, sweep: dict, base_s2d: S2DConfig) -> tuple[ArmConfi
                 raise ValueError("arms.qat_bits must list at least one bit setting for QAT arms")
             arms += [ArmConfig(f"{kind}@{b.name}", kind, opt, s2d, b) for b in qat_bits]
         else:
-            arms.append(ArmConfig(kind, kind, opt, s2d, None))
+            arms.append(ArmConfig(kind, kind, opt, s2d, None, cd_config if kind == "adamw+cd" else None))
     for key, values in sweep.items():
         if not isinstance(values, list) or not values:
             raise ValueError(f"sweep.{key} must be a non-empty list, got {values!r}")

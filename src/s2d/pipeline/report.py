@@ -13,8 +13,8 @@ from s2d.pipeline.experiment import ExperimentResult
 from s2d.pipeline.figures import FIGURES
 from s2d.pipeline.provenance import machine, versions
 from s2d.pipeline.rundir import pack_outcomes, unpack_outcomes
-from s2d.pipeline.tables import (format_accuracy_table, format_deployed_table, format_layer_table, format_outlier_table, format_perplexity_table,
-                                 format_qat_table, format_sensitivity_table)
+from s2d.pipeline.tables import (format_accuracy_table, format_alignment_table, format_deployed_table, format_layer_table,
+                                 format_outlier_table, format_perplexity_table, format_qat_table, format_sensitivity_table)
 from s2d.utils import atomic_write, write_json, write_text
 
 __all__ = ["FIGURE_CAPTIONS", "OUTCOMES", "accuracy_caption", "verdict_lines", "terminal_summary", "render_markdown",
@@ -25,6 +25,11 @@ _OUTCOME_FIELDS = (("runs", "fp_correct"), ("runs", "qat_correct"), ("cells", "c
                    ("cells", "nll"), ("deployed", "deployed_correct"))
 
 
+ALIGNMENT_CAPTION = ("Every block's (attention value -> output) and (FFN up -> down) pair, per arm, mean over "
+                     "the seeds: R·d = d_mid·‖BA‖²_F/(‖A‖²_F‖B‖²_F), the σ²-weighted alignment of B's input "
+                     "directions with A's output directions (1 = chance orientation); top alignment = "
+                     "‖BA‖₂/(‖A‖₂‖B‖₂) (1: the top directions line up); max σ_max over the pairs' weights "
+                     "(docs/colinearity.md). CD acts on the first two, S2D on the last.")
 DEPLOYED_CAPTION = ("Deployed (int8): each float arm's best W8A8 cell per seed (a grid without W8A8 cells: the "
                     "method with the best W8A8 fake-quant accuracy), exported to ONNX QuantizeLinear/"
                     "DequantizeLinear with that method's scales and run on ONNX Runtime's integer kernels "
@@ -131,6 +136,9 @@ def render_markdown(res: dict, figures: dict[str, str], baseline: str = "adamw")
     parts += ["## FFN layers after fine-tuning (Table 3 style)", "",
               "PCDR_1, max |a| (on the probe batches, padding left out) and σ_max of every FFN Linear, per arm, "
               "mean over the seeds (QAT arms: float weights after training).", "", format_layer_table(res), ""]
+    align = format_alignment_table(res)
+    if align:
+        parts += ["## Pair alignment (Colinearity Decay's measure)", "", ALIGNMENT_CAPTION, "", align, ""]
     parts += _arms_table(res)
     parts += ["", "## Figures", ""]
     for key, rel in figures.items():

@@ -76,6 +76,7 @@ class ArmResult:
     fp_correct: dict = field(default_factory=dict)   # per-test-example correctness in float (pack_outcomes)
     qat_correct: dict | None = None                  # QAT arms: the same at their own bits
     fp_nll: dict | None = None                       # causal LMs: per-test-example text NLL in float
+    alignment: list[dict] = field(default_factory=list)  # PairAlignment dicts of every block pair (s2d.probes)
 
 
 @dataclass

@@ -5,6 +5,7 @@
     the seeds and the paired delta vs the baseline arm (default "adamw") with its CI, in pp;
 (a') causal LMs: the same for held-out perplexity (ratios to the baseline instead of differences);
 (b) Table-3 style per-layer table of the FFN layers: PCDR_1, max |a|, σ_max per arm;
+(b') the pair alignment table (Colinearity Decay's measure, every arm) per pair kind;
 (c) the per-layer table of ``s2d inspect``, its table of where the FFN outputs peak, and the ranked
     quantization sites of its sensitivity analysis (also in the report).
 """
@@ -17,6 +18,7 @@ from s2d.pipeline.evidence import accuracy_rows, deployed_rows, float_arms, has_
 from s2d.stats import format_comparison, format_estimate
 
 __all__ = ["format_accuracy_table", "format_deployed_table", "format_perplexity_table", "format_qat_table", "is_ffn", "layer_rows", "format_layer_table",
+           "format_alignment_table",
            "format_inspect_table", "format_condition_table", "format_outlier_table", "format_peak_table", "format_sensitivity_table",
            "short_name"]
 
@@ -143,6 +145,28 @@ def format_layer_table(res: dict, arms: list[str] | None = None) -> str:
             lines.append(f"| {short_name(r['layer'])} | " + " | ".join(cells) + " |")
         out.append("\n".join(lines))
     return "\n\n".join(out)
+
+
+def format_alignment_table(res: dict) -> str:
+    """Markdown: per arm and pair kind, mean R·d_mid, mean top alignment and the largest σ_max of the
+    pairs' weights, each averaged over the arm's seeds ("" when no run measured pair alignment)."""
+    acc: dict[tuple[str, str], dict[str, list[float]]] = {}
+    for run in res["runs"]:
+        by_kind: dict[str, list[dict]] = {}
+        for p in run.get("alignment", []):
+            by_kind.setdefault(p["kind"], []).append(p)
+        for kind, pairs in by_kind.items():
+            vals = acc.setdefault((run["name"], kind), {"alignment": [], "top": [], "sigma": []})
+            vals["alignment"].append(sum(p["alignment"] for p in pairs) / len(pairs))
+            vals["top"].append(sum(p["top_alignment"] for p in pairs) / len(pairs))
+            vals["sigma"].append(max(max(p["sigma_first"], p["sigma_second"]) for p in pairs))
+    if not acc:
+        return ""
+    lines = ["| arm | pairs | alignment R·d (1 = chance) | top alignment | max σ_max |", "|---|---|---|---|---|"]
+    for (arm, kind), v in acc.items():
+        mean = {k: sum(x) / len(x) for k, x in v.items()}
+        lines.append(f"| {arm} | {kind} | {mean['alignment']:.2f} | {mean['top']:.3f} | {mean['sigma']:.2f} |")
+    return "\n".join(lines)
 
 
 def format_inspect_table(layers: list[dict]) -> str:

@@ -80,13 +80,14 @@ class SelectiveSpectralDecay:
         self.config = config
         self.guard = DecayGuard(guard, config.guard_tolerance, config.guard_backoffs) if guard else None
         self.optimizer = optimizer
-        groups = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+        groups = {id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
         self.targets: dict[str, nn.Module] = {}
         for name, m in find_targets(model, config.include).items():
             if id(m.weight) in groups:
                 self.targets[name] = m
             else:
                 logger.warning("S2D: %s.weight is not in the optimizer; not a target", name)
+        # param-group *indices*: optimizer.load_state_dict replaces the group dicts (and their "lr")
         self._groups = {name: groups[id(m.weight)] for name, m in self.targets.items()}
         self.step = 0
         self._armed = True          # step 0 is a refresh step
@@ -309,7 +310,7 @@ class SelectiveSpectralDecay:
             with torch.no_grad():
                 for name, (left, v) in self._penalty.items():
                     w = self.targets[name].weight
-                    lr = float(self._groups[name]["lr"])
+                    lr = float(self.optimizer.param_groups[self._groups[name]]["lr"])
                     if w.grad is not None and lr != 0.0:
                         add_low_rank_(w, left, v, alpha=-lr)
         self.step += 1

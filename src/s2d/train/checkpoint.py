@@ -10,6 +10,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 
+from s2d.colinearity import ColinearityDecay
 from s2d.regularizer import SelectiveSpectralDecay
 from s2d.utils import write_text
 
@@ -43,21 +44,22 @@ def save_checkpoint(out_dir: Path, model: nn.Module, state: dict) -> None:
 
 
 def checkpoint_state(step: int, optimizers: list, schedulers: list[LRScheduler],
-                     decay: SelectiveSpectralDecay | None, history: dict) -> dict:
-    """Everything but the weights: step, optimizer / scheduler / S2D state and the run's history
+                     decay: SelectiveSpectralDecay | None, history: dict, cd: ColinearityDecay | None = None) -> dict:
+    """Everything but the weights: step, optimizer / scheduler / S2D / CD state and the run's history
     (``history``: loss_history, probe_history, final_loss, wall_s of the :class:`TrainResult`)."""
     return {
         "step": step,
         "optimizers": [o.optimizer.state_dict() for o in optimizers],
         "schedulers": [s.state_dict() for s in schedulers],
         "s2d": decay.state_dict() if decay is not None else None,
+        "cd": cd.state_dict() if cd is not None else None,
         **history,
     }
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizers: list, schedulers: list[LRScheduler],
-                    decay: SelectiveSpectralDecay | None) -> dict:
-    """Restore weights, optimizer, scheduler and S2D state in place; returns the saved state dict."""
+                    decay: SelectiveSpectralDecay | None, cd: ColinearityDecay | None = None) -> dict:
+    """Restore weights, optimizer, scheduler, S2D and CD state in place; returns the saved state dict."""
     load_model(model, str(path / "model.safetensors"), device=str(next(model.parameters()).device))
     state = torch.load(path / "state.pt", weights_only=True)
     for opt, sd in zip(optimizers, state["optimizers"]):
@@ -66,4 +68,6 @@ def load_checkpoint(path: Path, model: nn.Module, optimizers: list, schedulers: 
         sched.load_state_dict(sd)
     if decay is not None and state["s2d"] is not None:
         decay.load_state_dict(state["s2d"])
+    if cd is not None and state.get("cd") is not None:
+        cd.load_state_dict(state["cd"])
     return state

@@ -1,4 +1,4 @@
-"""The fine-tuning loop on Hugging Face Accelerate: AdamW or Muon, optional S2D, optional QAT.
+"""The fine-tuning loop on Hugging Face Accelerate: AdamW or Muon, optional S2D or CD, optional QAT.
 
 The same code runs on one CPU, one GPU, or several processes (``accelerate launch`` / ``torchrun``).
 Steps are *optimizer* steps; one step consumes ``grad_accum`` micro-batches. Data order is a pure
@@ -27,8 +27,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from s2d.colinearity import CDConfig, ColinearityDecay
 from s2d.data import Loaders
-from s2d.models import ModelBundle, ffn_modules
+from s2d.models import ModelBundle, colinearity_pairs, ffn_modules
 from s2d.quant import QuantConfig
 from s2d.quant.qat import prepare_qat
 from s2d.regularizer import S2DConfig, SelectiveSpectralDecay
@@ -59,6 +60,8 @@ class TrainResult:
     s2d_stats: list[dict] | None = None                       # LayerStats dicts at the end (None without S2D)
     s2d_guard: list[dict] | None = None                       # DecayGuard.history (None without a guard)
     s2d_config: dict | None = None                            # the S2DConfig used
+    cd_stats: list[dict] | None = None                        # PairStats dicts at the end (None without CD)
+    cd_config: dict | None = None                             # the CDConfig used
     qat: dict | None = None                                   # the QuantConfig of QAT
     resumed_from: int = 0                                     # step of the checkpoint resumed from (0: none)
     wall_s: float = 0.0                                       # seconds, summed over resumed invocations
@@ -75,6 +78,7 @@ class _Session:
     train_loader: DataLoader
     val_loader: DataLoader
     decay: SelectiveSpectralDecay | None
+    cd: ColinearityDecay | None      # Colinearity Decay (None: off)
     total: int                       # optimizer steps of the run
 
 
@@ -82,7 +86,7 @@ def finetune(bundle: ModelBundle, loaders: Loaders, train_cfg: TrainConfig, *, o
              s2d_config: S2DConfig | None = None, qat: QuantConfig | None = None,
              qat_calib: list[dict] | None = None, out_dir: Path | str | None = None, progress: bool = True,
              callback: Callable[[int, TrainResult], None] | None = None,
-             guard_batches: list[dict] | None = None) -> TrainResult:
+             guard_batches: list[dict] | None = None, cd_config: CDConfig | None = None) -> TrainResult:
     """Fine-tune ``bundle.model`` in place on ``loaders.train``; returns the :class:`TrainResult`.
 
     s2d_config: attach :class:`SelectiveSpectralDecay` to the optimizer owning the hidden Linear
@@ -91,7 +95,8 @@ def finetune(bundle: ModelBundle, loaders: Loaders, train_cfg: TrainConfig, *, o
     the first training batch does). out_dir: checkpoints go there, and a run with a checkpoint there
     resumes from it. callback(step, result) is called after every optimizer step. guard_batches: held-out
     labelled batches whose loss guards S2D's relative update (:class:`s2d.regularizer.guard.DecayGuard`;
-    ignored for the other updates).
+    ignored for the other updates). cd_config: attach :class:`~s2d.colinearity.ColinearityDecay` to the
+    pairs of the model's block layout (:func:`s2d.models.colinearity_pairs`).
     """
     t0 = time.perf_counter()
     torch.manual_seed(train_cfg.seed)
@@ -100,9 +105,9 @@ def finetune(bundle: ModelBundle, loaders: Loaders, train_cfg: TrainConfig, *, o
                               step_scheduler_with_optimizer=False)
     if qat is not None:
         bundle.model = prepare_qat(bundle.model, qat, calib=qat_calib, progress=progress)
-    run = _prepare(accelerator, bundle.model, loaders, train_cfg, optimizer, s2d_config, guard_batches)
+    run = _prepare(accelerator, bundle.model, loaders, train_cfg, optimizer, s2d_config, guard_batches, cd_config)
     result = TrainResult(optimizer=optimizer, steps=run.total, final_loss=float("nan"),
-                         s2d_config=jsonable(s2d_config), qat=jsonable(qat))
+                         s2d_config=jsonable(s2d_config), qat=jsonable(qat), cd_config=jsonable(cd_config))
     out = Path(out_dir) if out_dir is not None else None
     start = _resume(run, out, result) if out is not None else 0
     probe = _Probe(run, loaders, train_cfg, result)
@@ -113,14 +118,18 @@ def finetune(bundle: ModelBundle, loaders: Loaders, train_cfg: TrainConfig, *, o
         result.s2d_stats = [jsonable(s) for s in run.decay.layer_stats()]
         result.s2d_guard = list(run.decay.guard.history) if run.decay.guard is not None else None
         run.decay.remove()
+    if run.cd is not None:
+        result.cd_stats = [jsonable(s) for s in run.cd.pair_stats()]
+        run.cd.remove()
     result.wall_s = result.wall_s + time.perf_counter() - t0
     bundle.model = run.raw
     return result
 
 
 def _prepare(accelerator: Accelerator, model: nn.Module, loaders: Loaders, cfg: TrainConfig, optimizer: str,
-             s2d_config: S2DConfig | None, guard_batches: list[dict] | None = None) -> _Session:
-    """Optimizers, accelerate wrapping, LR schedulers and S2D for ``model`` (in training mode)."""
+             s2d_config: S2DConfig | None, guard_batches: list[dict] | None = None,
+             cd_config: CDConfig | None = None) -> _Session:
+    """Optimizers, accelerate wrapping, LR schedulers, S2D and CD for ``model`` (in training mode)."""
     model.train()
     optimizers = build_optimizers(model, optimizer, cfg)
     prepared = accelerator.prepare(model, *optimizers, loaders.train, loaders.val)
@@ -132,7 +141,8 @@ def _prepare(accelerator: Accelerator, model: nn.Module, loaders: Loaders, cfg: 
     if s2d_config is not None:
         decay = SelectiveSpectralDecay(raw, optimizers[0].optimizer, s2d_config,
                                        guard=_guard_loss(raw, guard_batches, accelerator.device, s2d_config))
-    return _Session(accelerator, model, raw, optimizers, schedulers, train_loader, val_loader, decay, total)
+    cd = ColinearityDecay(raw, optimizers[0].optimizer, cd_config, colinearity_pairs) if cd_config else None
+    return _Session(accelerator, model, raw, optimizers, schedulers, train_loader, val_loader, decay, cd, total)
 
 
 def _guard_loss(model: nn.Module, batches: list[dict] | None, device: torch.device,
@@ -150,7 +160,7 @@ def _resume(run: _Session, out: Path, result: TrainResult) -> int:
     ckpt = latest_checkpoint(out)
     if ckpt is None:
         return 0
-    state = load_checkpoint(ckpt, run.raw, run.optimizers, run.schedulers, run.decay)
+    state = load_checkpoint(ckpt, run.raw, run.optimizers, run.schedulers, run.decay, run.cd)
     result.loss_history = [list(r) for r in state["loss_history"]]
     result.probe_history = list(state["probe_history"])
     result.final_loss = float(state["final_loss"])
@@ -210,7 +220,8 @@ def _train(run: _Session, cfg: TrainConfig, start: int, probe: _Probe, result: T
         if out is not None and acc.is_main_process and bad == 0 and (   # never save a non-finite state
                 done == total or (cfg.save_every and done % cfg.save_every == 0)):
             history = {k: getattr(result, k) for k in ("loss_history", "probe_history", "final_loss", "wall_s")}
-            save_checkpoint(out, run.raw, checkpoint_state(done, run.optimizers, run.schedulers, run.decay, history))
+            save_checkpoint(out, run.raw, checkpoint_state(done, run.optimizers, run.schedulers, run.decay, history,
+                                                             run.cd))
         if callback is not None:
             callback(done, result)
     bar.close()
