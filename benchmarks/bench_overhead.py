@@ -1,20 +1,22 @@
-"""S2D training overhead at interval=100 vs plain AdamW on a small transformer, interleaved in one run.
+"""S2D and Colinearity Decay training overhead vs plain AdamW on a small transformer, interleaved in one run.
 
-Two identical models train side by side; chunks of ``interval`` steps (each S2D chunk contains one
-refresh) alternate between the arms, and every step is timed.  Two ratios are reported as JSON:
+Three identical models train side by side (AdamW, AdamW+S2D, AdamW+CD); chunks of ``interval`` steps
+(each regularized chunk contains one refresh: S2D's spectra and selection, CD's held top singular
+pairs) rotate between the arms, and every step is timed.  Two ratios per regularizer, as JSON:
 
-* ``overhead_ratio``: median S2D chunk time / median AdamW chunk time (direct, but chunk times on a
-  shared machine scatter by +-10-20 %, more than the effect being measured);
-* ``overhead_ratio_from_steps``: 1 + [(m_s2d - m_adamw) + (r - m_s2d) / interval] / m_adamw, with m the
-  median per-step time of each arm (S2D's non-refresh steps) and r the median time of its refresh
-  steps, which is robust to that noise.
+* ``overhead_ratio`` / ``cd_overhead_ratio``: median chunk time / median AdamW chunk time (direct,
+  but chunk times on a shared machine scatter by +-10-20 %, more than the effect being measured);
+* ``overhead_ratio_from_steps`` / ``cd_overhead_ratio_from_steps``: 1 + [(m - m_adamw) + (r - m) /
+  interval] / m_adamw, with m the median per-step time of the arm (its non-refresh steps) and r the
+  median time of its refresh steps, which is robust to that noise.
+
+CD acts on every block's (v rows of qkv -> proj) and (fc1 -> fc2) pairs at every step.
 
     python benchmarks/bench_overhead.py [--chunks 10] [--interval 100] [--update coupled] [--selection pcdr]
 """
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import statistics
 import time
@@ -22,7 +24,7 @@ import time
 import torch
 from torch import nn
 
-from s2d import S2DConfig, SelectiveSpectralDecay
+from s2d import CDConfig, ColinearityDecay, Pair, S2DConfig, SelectiveSpectralDecay
 
 
 class SmallTransformer(nn.Module):
@@ -76,10 +78,25 @@ def chunk(model, opt, data, start: int, steps: int, device: str) -> list[float]:
     return times
 
 
+def block_pairs(model: SmallTransformer) -> list[Pair]:
+    """CD's pairs of the benchmark model: (v rows of the fused qkv -> proj) and (fc1 -> fc2) per block."""
+    d = model.norm.normalized_shape[0]
+    return [p for i in range(len(model.blocks)) for p in (
+        Pair(f"blocks.{i}.qkv", f"blocks.{i}.proj", "attn", rows=(2 * d, 3 * d)),
+        Pair(f"blocks.{i}.fc1", f"blocks.{i}.fc2", "ffn"))]
+
+
+def step_ratio(steps: list[list[float]], base_step: float, interval: int, due: int) -> tuple[float, float, float]:
+    """(median non-refresh step, median refresh step, overhead ratio from step times) of one arm."""
+    step = statistics.median(t for ts in steps for i, t in enumerate(ts) if i != due)
+    refresh = statistics.median(ts[due] for ts in steps)
+    return step, refresh, 1 + ((step - base_step) + (refresh - step) / interval) / base_step
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--chunks", type=int, default=10, help="timed chunks per arm (each = interval steps)")
-    ap.add_argument("--interval", type=int, default=100)
+    ap.add_argument("--interval", type=int, default=100, help="refresh interval of S2D and of CD")
     ap.add_argument("--update", default="coupled", choices=["coupled", "decoupled", "relative"])
     ap.add_argument("--selection", default="pcdr", choices=["pcdr", "all"],
                     help="'all' penalises every layer at every step (the worst case for the per-step cost)")
@@ -91,47 +108,43 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    base = SmallTransformer().to(args.device)
-    reg = copy.deepcopy(base)
+    models = {tag: SmallTransformer().to(args.device) for tag in ("adamw", "s2d", "cd")}
+    for m in list(models.values())[1:]:
+        m.load_state_dict(models["adamw"].state_dict())
+    opts = {tag: torch.optim.AdamW(m.parameters(), lr=1e-4) for tag, m in models.items()}
     g = torch.Generator().manual_seed(1)
     data = (torch.randint(0, 1000, (32, args.batch, args.seq), generator=g).to(args.device),
             torch.randint(0, 10, (32, args.batch), generator=g).to(args.device))
-    opt_b = torch.optim.AdamW(base.parameters(), lr=1e-4)
-    opt_r = torch.optim.AdamW(reg.parameters(), lr=1e-4)
-    s2d = SelectiveSpectralDecay(reg, opt_r, S2DConfig(interval=args.interval, update=args.update,
-                                                           selection=args.selection))
-    chunk(base, opt_b, data, 0, 5, args.device)           # warm-up both arms (S2D's first refresh included)
-    chunk(reg, opt_r, data, 0, 5, args.device)
-    steps_b, steps_r = [], []            # per chunk, per step times
-    step_b = step_r = 5
+    s2d = SelectiveSpectralDecay(models["s2d"], opts["s2d"], S2DConfig(interval=args.interval, update=args.update,
+                                                                       selection=args.selection))
+    cd = ColinearityDecay(models["cd"], opts["cd"], CDConfig(interval=args.interval), block_pairs(models["cd"]))
+    for tag in models:                    # warm-up every arm (the first refresh included)
+        chunk(models[tag], opts[tag], data, 0, 5, args.device)
+    steps: dict[str, list[list[float]]] = {tag: [] for tag in models}   # per chunk, per step times
+    order = list(models)
     for c in range(args.chunks):
-        arms = [("b", base, opt_b), ("r", reg, opt_r)]
-        for tag, model, opt in (arms if c % 2 == 0 else arms[::-1]):   # alternate which arm goes first
-            if tag == "b":
-                steps_b.append(chunk(model, opt, data, step_b, args.interval, args.device))
-                step_b += args.interval
-            else:
-                # steps [5 + c*interval, 5 + (c+1)*interval) hold exactly one refresh (a multiple of interval)
-                steps_r.append(chunk(model, opt, data, step_r, args.interval, args.device))
-                step_r += args.interval
-    times_b, times_r = [sum(t) for t in steps_b], [sum(t) for t in steps_r]
-    mb, mr = statistics.median(times_b), statistics.median(times_r)
+        # steps [5 + c*interval, 5 + (c+1)*interval) hold exactly one refresh (a multiple of interval)
+        for tag in order[c % 3:] + order[: c % 3]:          # rotate which arm goes first
+            steps[tag].append(chunk(models[tag], opts[tag], data, 5 + c * args.interval, args.interval, args.device))
+    chunks = {tag: [sum(t) for t in ts] for tag, ts in steps.items()}
+    med = {tag: statistics.median(v) for tag, v in chunks.items()}
     due = (args.interval - 5 % args.interval) % args.interval          # index of the refresh step in a chunk
-    step_b_med = statistics.median(t for ts in steps_b for t in ts)
-    step_r_med = statistics.median(t for ts in steps_r for i, t in enumerate(ts) if i != due)
-    refresh_med = statistics.median(ts[due] for ts in steps_r)
-    from_steps = 1 + ((step_r_med - step_b_med) + (refresh_med - step_r_med) / args.interval) / step_b_med
-    selected = sum(1 for s in s2d.layer_stats() if s.k_target is not None)
+    base_step = statistics.median(t for ts in steps["adamw"] for t in ts)
+    s2d_step, s2d_refresh, s2d_ratio = step_ratio(steps["s2d"], base_step, args.interval, due)
+    cd_step, cd_refresh, cd_ratio = step_ratio(steps["cd"], base_step, args.interval, due)
     print(json.dumps({
-        "benchmark": "s2d_training_overhead", "device": args.device, "threads": torch.get_num_threads(),
+        "benchmark": "s2d_cd_training_overhead", "device": args.device, "threads": torch.get_num_threads(),
         "model": "4-layer d=128 pre-LN transformer, 17 Linear layers", "batch": args.batch, "seq": args.seq,
         "interval": args.interval, "update": args.update, "selection": args.selection, "chunks": args.chunks,
         "steps_per_chunk": args.interval,
-        "adamw_chunk_s_median": mb, "s2d_chunk_s_median": mr, "overhead_ratio": mr / mb,
-        "adamw_step_s_median": step_b_med, "s2d_step_s_median": step_r_med,
-        "s2d_refresh_step_s_median": refresh_med, "overhead_ratio_from_steps": from_steps,
-        "adamw_chunk_s_all": times_b, "s2d_chunk_s_all": times_r,
-        "layers_penalised_at_last_refresh": selected, "targets": len(s2d.targets),
+        "adamw_chunk_s_median": med["adamw"], "s2d_chunk_s_median": med["s2d"], "cd_chunk_s_median": med["cd"],
+        "overhead_ratio": med["s2d"] / med["adamw"], "cd_overhead_ratio": med["cd"] / med["adamw"],
+        "adamw_step_s_median": base_step, "s2d_step_s_median": s2d_step, "s2d_refresh_step_s_median": s2d_refresh,
+        "overhead_ratio_from_steps": s2d_ratio,
+        "cd_step_s_median": cd_step, "cd_refresh_step_s_median": cd_refresh, "cd_overhead_ratio_from_steps": cd_ratio,
+        "adamw_chunk_s_all": chunks["adamw"], "s2d_chunk_s_all": chunks["s2d"], "cd_chunk_s_all": chunks["cd"],
+        "layers_penalised_at_last_refresh": sum(1 for s in s2d.layer_stats() if s.k_target is not None),
+        "targets": len(s2d.targets), "cd_pairs": len(cd.pairs),
     }, indent=2))
 
 

@@ -87,13 +87,13 @@ def test_held_singular_values_move_at_second_order_only():
         assert float(free[:3].abs().max()) > 0.1 * eps        # O(eps) without the hold
 
 
-def _planted_pair(cos=0.9, d_in=16, d_mid=24, d_out=16, seed=0):
-    """A (d_mid, d_in), B (d_out, d_mid) with singular values 5, 4, 3, 2, then <= 1, and B's top input
+def _planted_pair(cos=0.9, d_in=16, d_mid=24, d_out=16, seed=0, top=(5.0, 4.0, 3.0, 2.0)):
+    """A (d_mid, d_in), B (d_out, d_mid) with singular values ``top``, then <= 1, and B's top input
     direction at cosine ``cos`` to A's top output direction."""
     g = torch.Generator().manual_seed(seed)
     ua, va, ub, vb = _orth(d_mid, d_in, g), _orth(d_in, d_in, g), _orth(d_out, d_out, g), _orth(d_mid, d_out, g)
     s = torch.linspace(1, 0.2, d_in, dtype=torch.float64)
-    s[:4] = torch.tensor([5.0, 4.0, 3.0, 2.0])
+    s[:len(top)] = torch.tensor(top)
     rest = vb[:, 1] - (vb[:, 1] @ ua[:, 0]) * ua[:, 0]
     vb[:, 0] = cos * ua[:, 0] + (1 - cos ** 2) ** 0.5 * rest / rest.norm()
     vb = torch.linalg.qr(vb)[0] * torch.sign(torch.linalg.qr(vb)[1].diagonal())
@@ -144,6 +144,12 @@ def test_planted_pair_loses_alignment_and_keeps_its_top_singular_values():
     change = [float(((torch.linalg.svdvals(w.detach().double())[:4] - torch.linalg.svdvals(ref)[:4])
                      / torch.linalg.svdvals(ref)[:4]).abs().max()) for w, ref in ((net0.up.weight, a), (net0.down.weight, b))]
     assert min(change) > 0.1, change
+    # with a single spike, plain descent on R shrinks σ_max itself (S2D's mechanism); the hold keeps it
+    a, b = _planted_pair(top=(5.0,))
+    for keep, low, high in ((0, 0.0, 0.95), (4, 0.98, 1.03)):
+        net = _PairNet(a, b)
+        _run_cd(net, CDConfig(strength=1.0, keep_top=keep, interval=5), steps=300)
+        assert low * 5.0 < float(torch.linalg.svdvals(net.up.weight.detach())[0]) < high * 5.0
 
 
 def test_state_dict_resume_equals_uninterrupted_run_and_remove_detaches():
