@@ -12,6 +12,7 @@ from s2d.colinearity.penalty import (
     alignment, alignment_gradients, effective_first, hold_top_singular_, pair_steps, top_alignment,
 )
 from s2d.models import blocks, colinearity_pairs
+from s2d.probes import pair_alignments
 from test_models import FAMILIES
 
 
@@ -136,8 +137,11 @@ def test_planted_pair_loses_alignment_and_keeps_its_top_singular_values():
     for before, after in ((a, a1), (b, b1)):
         torch.testing.assert_close(torch.linalg.svdvals(after)[:4], torch.linalg.svdvals(before)[:4].float().double(),
                                    rtol=0.03, atol=0)
+    assert 1.0 < float(a1.norm() / a.norm()) < 1.08         # the held step lets the tail grow a little
     stats = cd.pair_stats()[0]
     assert stats.kind == "ffn" and stats.refreshed_at == 295 and stats.alignment < 1.0
+    stats.alignment = -1.0
+    assert cd.pair_stats()[0].alignment > 0                   # a copy: the caller cannot change CD's record
     # without the hold the same descent also reshapes the top of the spectra: the hold is what keeps it
     net0 = _PairNet(a, b)
     _run_cd(net0, CDConfig(strength=1.0, keep_top=0), steps=300)
@@ -205,8 +209,8 @@ def test_config_rejects_bad_values(field, value):
 
 @pytest.mark.parametrize("family", ["bert", "mpnet", "dinov2", "llama", "qwen2", "timm-vit"])
 def test_pairs_from_the_block_layout_feed_each_other(family):
-    """Every pair's effective product is the linear map the model computes from the first Linear's
-    output to the second's input, checked on the model's own weights."""
+    """The layout's pairs of every family: one attention and one FFN pair per block, shapes that chain
+    (the second weight reads what the effective first weight writes), fused-qkv rows and GQA repeats."""
     model = FAMILIES[family][0]().eval()
     pairs = colinearity_pairs(model)
     infos = blocks(model)
@@ -221,6 +225,7 @@ def test_pairs_from_the_block_layout_feed_each_other(family):
     if family in ("llama", "qwen2"):       # 2 query heads share 1 kv head of 16 dims
         assert (attn.kv_repeat, attn.head_dim) == (2, 16)
     assert colinearity_pairs(model, kinds=("ffn",)) == pairs[1::2]
+    assert len(pair_alignments(model)) == len(pairs)
     with pytest.raises(ValueError, match="unknown kinds"):
         colinearity_pairs(model, kinds=("qk",))
 

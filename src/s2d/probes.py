@@ -325,6 +325,10 @@ def pair_alignments(model: nn.Module, kinds: tuple[str, ...] = PAIR_KINDS) -> li
         block = first_block(modules[p.first].weight.detach().float(), p)
         b = modules[p.second].weight.detach().float()
         a = effective_first(block, p)
+        if b.shape[1] != a.shape[0]:     # a layout this rule does not know: report, never fail the run
+            logger.warning("pair_alignments: %s feeds %d values but %s reads %d; skipped", p.first, a.shape[0],
+                           p.second, b.shape[1])
+            continue
         out.append(PairAlignment(p.first, p.second, p.kind, alignment_ratio(alignment(a, b), b.shape[1]),
                                  top_alignment(a, b), float(torch.linalg.matrix_norm(block, ord=2)),
                                  float(torch.linalg.matrix_norm(b, ord=2))))

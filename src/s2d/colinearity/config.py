@@ -15,9 +15,10 @@ class CDConfig:
 
     Every optimizer step, each pair's weights move by ``-lr · strength · ‖W‖²_F · ∂R/∂W`` after the
     optimizer's own update (decoupled, like AdamW's weight decay, and in the same units: ``strength``
-    is dimensionless). R is the pair's alignment, scale-invariant, so the step leaves ‖W‖_F unchanged to
-    first order; with ``keep_top > 0`` it also leaves each weight's top singular values unchanged to
-    first order, so CD turns directions instead of shrinking them.
+    is dimensionless). R is the pair's alignment, scale-invariant, so the plain step (``keep_top=0``)
+    leaves ‖W‖_F unchanged to first order. With ``keep_top > 0`` the step instead leaves each weight's
+    top singular values unchanged to first order: CD turns their directions rather than shrinking
+    them (the singular values below the top ``keep_top`` may still grow).
     """
 
     strength: float = 1.0   # λ >= 0: decoupled step = lr · λ · ‖W‖²_F · ∂R/∂W (weight-decay units)

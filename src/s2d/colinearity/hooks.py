@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 from torch import Tensor, nn
@@ -79,6 +79,8 @@ class ColinearityDecay:
         self._factors: dict[str, tuple[Tensor, Tensor]] = {}   # block name -> (U_k, V_k) of its weight block
         self._stats: dict[tuple[str, str], PairStats] = {}
         self._handles = [optimizer.register_step_post_hook(self._post_step)]
+        if not self.pairs:
+            logger.warning("CD: no pairs given (or none found in the model's block layout); CD does nothing")
         logger.info("CD attached to %d pairs (%s)", len(self.pairs), config)
 
     def _bind(self, name: str, modules: Mapping[str, nn.Module], groups: Mapping[int, int]) -> None:
@@ -108,8 +110,9 @@ class ColinearityDecay:
     def _refresh(self) -> None:
         blocks = self._blocks()
         specs = dict(zip(blocks, spectra(list(blocks.values()))))
-        self._factors = {k: (top_k(s, self.config.keep_top).U, top_k(s, self.config.keep_top).V)
-                         for k, s in specs.items()} if self.config.keep_top > 0 else {}
+        # copies, so the full spectra of every weight are not kept alive through views
+        self._factors = {k: (f.U.clone(), f.V.clone()) for k, f in
+                         ((k, top_k(s, self.config.keep_top)) for k, s in specs.items())} if self.config.keep_top > 0 else {}
         for pair in self.pairs:
             a, b = blocks[_block_key(pair)], blocks[pair.second]
             old = self._stats.get((pair.first, pair.second))
@@ -141,13 +144,13 @@ class ColinearityDecay:
                 continue
             if key in self._factors:
                 u, v = self._factors[key]
-                hold_top_singular_(step, u.to(step.dtype), v.to(step.dtype))
+                hold_top_singular_(step, u.to(step.device, step.dtype), v.to(step.device, step.dtype))
             target.sub_(step.to(target.dtype), alpha=lr * self.config.strength)
 
     # ------------------------------------------------------------------ inspection / persistence
     def pair_stats(self) -> list[PairStats]:
-        """Stats of every pair refreshed so far, in pair order."""
-        return [self._stats[(p.first, p.second)] for p in self.pairs if (p.first, p.second) in self._stats]
+        """Stats of every pair refreshed so far, in pair order (copies: later steps do not change them)."""
+        return [replace(self._stats[(p.first, p.second)]) for p in self.pairs if (p.first, p.second) in self._stats]
 
     def state_dict(self) -> dict:
         """Everything needed to resume: step, the refresh flag, the held factors, the stats and the config."""
@@ -167,9 +170,15 @@ class ColinearityDecay:
             logger.warning(msg)
         keys = {_block_key(p) for p in self.pairs} | {p.second for p in self.pairs}
         self.step, self._force = int(sd["step"]), bool(sd["force"])
-        self._factors = {k: (f["U"], f["V"]) for k, f in sd["factors"].items() if k in keys}
+        device = next(iter(self._weights.values())).device if self._weights else None
+        self._factors = {k: (f["U"].to(device), f["V"].to(device)) for k, f in sd["factors"].items() if k in keys}
         known = {f"{p.first}->{p.second}": (p.first, p.second) for p in self.pairs}
         self._stats = {known[k]: PairStats(**s) for k, s in sd["stats"].items() if k in known}
+        unknown = sorted(set(sd["stats"]) - set(known))
+        if unknown:
+            logger.warning("CD load_state_dict: ignoring unknown pairs %s", unknown)
+        if len(self._stats) < len(self.pairs):
+            self._force = True          # a pair the state does not know: refresh at the next step
 
     def remove(self) -> None:
         """Detach the hook and drop the held factors; the model and optimizer are left as they are."""

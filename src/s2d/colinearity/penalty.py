@@ -42,7 +42,8 @@ def effective_first(block: Tensor, pair: Pair) -> Tensor:
 
 
 def fold_first(grad: Tensor, pair: Pair) -> Tensor:
-    """The adjoint of :func:`effective_first`: a gradient w.r.t. the effective A summed back onto the block."""
+    """The adjoint of :func:`effective_first`: a gradient w.r.t. the effective A summed back onto the block,
+    (kv·kv_repeat·head_dim, d_in) -> (kv·head_dim, d_in)."""
     if pair.kv_repeat == 1:
         return grad
     hd = pair.head_dim

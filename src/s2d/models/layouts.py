@@ -176,7 +176,7 @@ def colinearity_pairs(model: nn.Module, kinds: tuple[str, ...] = PAIR_KINDS) -> 
 
     ``"attn"``: attention value -> output projection (the v rows of a fused qkv Linear; grouped-query
     kv heads repeated for the query heads they feed); ``"ffn"``: FFN up -> down (the up projection of
-    a gated MLP). Empty for a model no layout matches.
+    a gated MLP, the up half of a fused SwiGLU input). Empty for a model no layout matches.
     """
     unknown = [k for k in kinds if k not in PAIR_KINDS]
     if unknown:
@@ -187,8 +187,18 @@ def colinearity_pairs(model: nn.Module, kinds: tuple[str, ...] = PAIR_KINDS) -> 
         if "attn" in kinds:
             pairs.append(_value_pair(b, modules))
         if "ffn" in kinds:
-            pairs.append(Pair(b.fc1[-1], b.fc2, "ffn"))
+            pairs.append(_up_pair(b, modules))
     return pairs
+
+
+def _up_pair(block: BlockInfo, modules: dict[str, nn.Module]) -> Pair:
+    """The (FFN up -> down) pair: a fused SwiGLU input Linear (gate and up stacked by rows, DINOv2's
+    ``weights_in``) contributes its up half, the rows the gate multiplies."""
+    up, reads = block.fc1[-1], modules[block.fc2].weight.shape[1]
+    rows = modules[up].weight.shape[0]
+    if len(block.fc1) == 1 and rows == 2 * reads:
+        return Pair(up, block.fc2, "ffn", rows=(reads, rows))
+    return Pair(up, block.fc2, "ffn")
 
 
 def _value_pair(block: BlockInfo, modules: dict[str, nn.Module]) -> Pair:
