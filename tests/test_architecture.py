@@ -27,6 +27,7 @@ LAYERS = [
     ("s2d.models",),
     ("s2d.collate",),
     ("s2d.data", "s2d.probes"),
+    ("s2d.lowrank",),               # weight- and feature-space low-rank analysis (reads probes' input moments)
     ("s2d.quant",),
     ("s2d.deploy",),                # ONNX export and ONNX Runtime: lowers quant's quantizers
     ("s2d.train",),

@@ -234,3 +234,23 @@ def test_parser_lists_every_subcommand():
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     assert set(sub.choices) == {"run", "inspect", "condition", "finetune", "quantize", "evaluate", "export", "assets",
                                 "bench"}
+
+
+def test_lowrank_local_model(tiny, tmp_path, capsys):
+    model_dir, data = tiny
+    out = tmp_path / "lowrank"
+    assert main(["lowrank", str(model_dir), "--data", str(data), "--out", str(out), "--calib-samples", "16",
+                 "--batch-size", "8", "--max-length", "16", "--threshold", "0.2", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    saved = json.loads((out / "lowrank.json").read_text())
+    rows = saved["layers"]
+    assert saved["threshold"] == 0.2 and "classifier" not in {r["name"] for r in rows} and len(rows) == 13
+    for r in rows:          # the ranks are the first where each stored curve meets the threshold
+        for key, curve in (("weight_rank", "weight_output"), ("feature_rank", "feature_output")):
+            first = next(i + 1 for i, e in enumerate(r["curves"][curve]) if e <= 0.2 or i + 1 == r["full_rank"])
+            assert r[key] == first
+        assert len(r["curves"]["weight_frob"]) == r["full_rank"] == min(r["shape"])
+    assert (out / "lowrank.md").read_text().strip() in printed
+    assert (out / "lowrank.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["lowrank", str(model_dir), "--data", str(data), "--threshold", "1.5"]) == 2
+    assert "--threshold must be in (0, 1)" in capsys.readouterr().err

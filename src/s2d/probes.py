@@ -27,8 +27,8 @@ from s2d.utils import eval_mode, real_tokens, to_device, token_mask
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ActivationStats", "LayerReport", "PeakLocation", "PairAlignment", "capture_activations", "spectral_table",
-           "peak_locations", "pair_alignments", "quantile_from_top"]
+__all__ = ["ActivationStats", "LayerReport", "PeakLocation", "PairAlignment", "InputMoments", "capture_activations",
+           "spectral_table", "peak_locations", "pair_alignments", "input_moments", "quantile_from_top"]
 
 _TAIL = 0.02   # fraction of the largest |a| kept (2x what p99 needs, slack for later batches)
 
@@ -209,6 +209,39 @@ def _capture(model: nn.Module, batches: Iterable, modules: Mapping[str, nn.Modul
 
     _run(model, batches, modules, make, progress, "activations", current)
     return {name: acc.result(name) for name, acc in accs.items() if acc.n > 0}, modules
+
+
+@dataclass
+class InputMoments:
+    """First and second moments of one module's inputs x (d_in,), over every token (padding excluded)."""
+    n: int                     # input vectors seen
+    mean: Tensor               # (d_in,) float64: E[x]
+    second: Tensor             # (d_in, d_in) float64: E[x xᵀ]
+
+
+def input_moments(model: nn.Module, batches: Iterable, modules: Mapping[str, nn.Module],
+                  progress: bool = False) -> dict[str, InputMoments]:
+    """E[x] and E[x xᵀ] of each module's first input over ``batches`` (one pass, float64 sums).
+
+    Memory is d_in² float64 per module: pass one block's Linears at a time for a large model.
+    """
+    sums: dict[str, list] = {name: [0, None, None] for name in modules}
+    current: dict = {"mask": None}
+
+    def make(name):
+        def hook(module, args, output):
+            x = args[0] if args else None
+            if not (isinstance(x, Tensor) and x.is_floating_point()):
+                return
+            x = real_tokens(x, current["mask"]).reshape(-1, x.shape[-1]).double()
+            acc = sums[name]
+            acc[0] += x.shape[0]
+            acc[1] = x.sum(0) if acc[1] is None else acc[1] + x.sum(0)
+            acc[2] = x.T @ x if acc[2] is None else acc[2].addmm_(x.T, x)
+        return hook
+
+    _run(model, batches, dict(modules), make, progress, "input moments", current)
+    return {name: InputMoments(n, s1 / n, s2 / n) for name, (n, s1, s2) in sums.items() if n > 0}
 
 
 def capture_activations(model: nn.Module, batches: Iterable[dict], modules: Mapping[str, nn.Module] | None = None,

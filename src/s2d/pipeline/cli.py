@@ -23,6 +23,7 @@ from s2d.deploy import read_sidecar
 from s2d.pipeline.deployment import add_export, evaluate_onnx
 from s2d.pipeline.experiment import ptq_cell, run_experiment
 from s2d.pipeline.inspection import add_inspect, cli_task
+from s2d.pipeline.lowrank import add_lowrank
 from s2d.pipeline.parse import load_config
 from s2d.pipeline.report import terminal_summary, write_report
 from s2d.quant import Bits, QuantConfig, available_methods
@@ -302,8 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_SUBCOMMANDS = [_add_run, add_inspect, add_condition, _add_finetune, _add_quantize, add_export, _add_evaluate,
-                _add_assets, _add_bench]
+_SUBCOMMANDS = [_add_run, add_inspect, add_condition, add_lowrank, _add_finetune, _add_quantize, add_export,
+                _add_evaluate, _add_assets, _add_bench]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -193,3 +193,21 @@ def _sensitivity_of_run(res: dict, path: Path) -> Path | None:
 
 FIGURES = {"outliers_over_steps": fig_outliers_over_steps, "violins": _violins_of_run,
            "accuracy_vs_bits": fig_accuracy_vs_bits, "qat": fig_qat, "sensitivity": _sensitivity_of_run}
+
+
+def fig_lowrank(rows: list[dict], path: Path) -> Path:
+    """Rank needed (share of the full rank) per Linear, weight space against feature space, with the
+    break-even rank below which two factors hold fewer parameters; ``rows``: LayerRank dicts in model order."""
+    fig = Figure(figsize=(max(8, 0.18 * len(rows) + 2), 4.5))
+    ax = fig.subplots()
+    x = range(len(rows))
+    for key, label, marker in (("weight_rank", "weight space (SVD of W)", "o"),
+                               ("feature_rank", "feature space (PCA of the outputs)", "s")):
+        ax.plot(x, [r[key] / r["full_rank"] for r in rows], marker=marker, ms=3, lw=1, label=label)
+    ax.plot(x, [r["break_even"] / r["full_rank"] for r in rows], ls="--", color="grey", lw=1,
+            label="break-even (fewer parameters below)")
+    ax.set_xticks(list(x), [short_name(r["name"]) for r in rows], rotation=90, fontsize=6)
+    ax.set_ylim(0, 1.05)
+    t = rows[0]["threshold"] if rows else 0.0
+    return _finish(fig, ax, path, "Linear (model order)", "rank needed / full rank",
+                   f"Rank that keeps the relative output error under {t:.0%}")

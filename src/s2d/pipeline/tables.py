@@ -18,7 +18,7 @@ from s2d.pipeline.evidence import accuracy_rows, deployed_rows, float_arms, has_
 from s2d.stats import format_comparison, format_estimate
 
 __all__ = ["format_accuracy_table", "format_deployed_table", "format_perplexity_table", "format_qat_table", "is_ffn", "layer_rows", "format_layer_table",
-           "format_alignment_table",
+           "format_alignment_table", "format_lowrank_table",
            "format_inspect_table", "format_condition_table", "format_outlier_table", "format_peak_table", "format_sensitivity_table",
            "short_name"]
 
@@ -166,6 +166,19 @@ def format_alignment_table(res: dict) -> str:
     for (arm, kind), v in acc.items():
         mean = {k: sum(x) / len(x) for k, x in v.items()}
         lines.append(f"| {arm} | {kind} | {mean['alignment']:.2f} | {mean['top']:.3f} | {mean['sigma']:.2f} |")
+    return "\n".join(lines)
+
+
+def format_lowrank_table(rows: list[dict]) -> str:
+    """Markdown of ``s2d lowrank``'s LayerRank dicts: the rank each construction needs per Linear."""
+    t = rows[0]["threshold"] if rows else 0.0
+    lines = [f"| layer | role | shape | full rank | break-even | weight space: rank for ≤{t:.0%} output error | "
+             f"feature space: rank for ≤{t:.0%} |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        full = r["full_rank"]
+        lines.append(f"| {short_name(r['name'])} | {r['role']} | {r['shape'][0]}x{r['shape'][1]} | {full} | "
+                     f"{r['break_even']} | {r['weight_rank']} ({r['weight_rank'] / full:.0%}) | "
+                     f"{r['feature_rank']} ({r['feature_rank'] / full:.0%}) |")
     return "\n".join(lines)
 
 

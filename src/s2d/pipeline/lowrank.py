@@ -1,0 +1,61 @@
+"""`s2d lowrank`: which Linears of a model are low-rank, in weight space (SVD) and in feature space
+(PCA of each layer's outputs on calibration data), and the rank each needs for an output-error
+threshold (:mod:`s2d.lowrank`, docs/lowrank.md)."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from s2d.data import calibration_batches
+from s2d.lowrank import lowrank_table
+from s2d.pipeline.figures import fig_lowrank
+from s2d.pipeline.inspection import add_prompt_arguments, cli_task, prompt_options
+from s2d.pipeline.tables import format_lowrank_table
+from s2d.utils import jsonable, write_json, write_text
+
+__all__ = ["add_lowrank", "cmd_lowrank"]
+
+
+def add_lowrank(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("lowrank", help="rank each Linear needs: weight space (SVD) vs feature space (output PCA)",
+                       description="For every Linear (classifier heads left out), the relative Frobenius and "
+                                   "output errors of its rank-r SVD truncation (weight space) and of the PCA of "
+                                   "its outputs on calibration data (feature space, LLM-ROM), for every r; the "
+                                   "smallest rank that keeps the output error under --threshold; a table "
+                                   "(lowrank.md), the curves (lowrank.json) and a figure (lowrank.png).")
+    p.add_argument("model", help="s2d asset name, local Hugging Face directory, hub id, or an `s2d run` arm folder")
+    p.add_argument("--data", default=None,
+                   help="dataset asset or path (default: rotten-tomatoes for text, fashion-mnist for images)")
+    p.add_argument("--out", default=None, help="output directory (default runs/lowrank-<model>)")
+    p.add_argument("--threshold", type=float, default=0.1,
+                   help="relative output error ‖Ŷ − Y‖_F / ‖Y‖_F allowed per layer, in (0, 1) (default 0.1)")
+    p.add_argument("--calib-samples", type=int, default=64,
+                   help="training examples whose inputs give each layer's moments (default 64)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--include-head", action="store_true", help="also analyse the classifier head")
+    add_prompt_arguments(p)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_lowrank)
+
+
+def cmd_lowrank(args: argparse.Namespace) -> int:
+    if not 0 < args.threshold < 1:
+        raise ValueError(f"--threshold must be in (0, 1), got {args.threshold}")
+    if args.calib_samples < 1:
+        raise ValueError(f"--calib-samples must be >= 1, got {args.calib_samples}")
+    bundle, loaders = cli_task(args.model, args.data, max_length=args.max_length, batch_size=args.batch_size,
+                               **prompt_options(args))
+    calib = calibration_batches(loaders, num_samples=args.calib_samples, batch_size=args.batch_size)
+    rows = [jsonable(r) for r in lowrank_table(bundle.model, calib, threshold=args.threshold,
+                                               include_head=args.include_head, progress=not args.no_progress)]
+    out = Path(args.out or f"runs/lowrank-{Path(args.model).name}")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "lowrank.json", {"model": args.model, "threshold": args.threshold,
+                                      "calib_samples": args.calib_samples, "layers": rows})
+    text = format_lowrank_table(rows)
+    write_text(out / "lowrank.md", text + "\n")
+    fig_lowrank(rows, out / "lowrank.png")
+    print(text)
+    print("\nwritten: " + ", ".join(f"{out}/{w}" for w in ("lowrank.json", "lowrank.md", "lowrank.png")))
+    return 0

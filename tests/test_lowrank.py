@@ -1,0 +1,91 @@
+"""s2d.lowrank: every closed-form error curve against building each rank-r truncation by brute force
+and scoring it on the calibration inputs."""
+import pytest
+import torch
+
+from s2d.lowrank import feature_factors, rank_curves, smallest_rank, weight_factors
+from s2d.lowrank.maths import factor_params
+
+
+def _layer(d_out, d_in, n=200, seed=0, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(d_out, d_in, generator=g, dtype=torch.float64) @ torch.diag(torch.linspace(3, 0.1, d_in, dtype=torch.float64))
+    b = torch.randn(d_out, generator=g, dtype=torch.float64) if bias else None
+    x = torch.randn(n, d_in, generator=g, dtype=torch.float64) * torch.linspace(0.2, 2, d_in, dtype=torch.float64) + 0.7
+    return w, b, x
+
+
+def _moments(x):
+    return x.mean(0), x.T @ x / x.shape[0]
+
+
+@pytest.mark.parametrize("shape", [(7, 5), (5, 7), (6, 6)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_curves_equal_brute_force_truncations(shape, bias):
+    w, b, x = _layer(*shape, bias=bias)
+    curves = rank_curves(w, b, *_moments(x))
+    y = x @ w.T + (b if b is not None else 0)
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    yc = y - y.mean(0)
+    evals, evecs = torch.linalg.eigh(yc.T @ yc)                    # PCA of the outputs, brute force
+    p = evecs.flip(1)
+    for r in range(1, min(shape) + 1):
+        w_r = u[:, :r] @ torch.diag(s[:r]) @ vh[:r]
+        assert float(curves.weight_frob[r - 1]) == pytest.approx(float((w - w_r).norm() / w.norm()), abs=1e-7)
+        y_w = x @ w_r.T + (b if b is not None else 0)
+        assert float(curves.weight_output[r - 1]) == pytest.approx(float((y_w - y).norm() / y.norm()), abs=1e-7)
+        proj = p[:, :r] @ p[:, :r].T
+        y_f = yc @ proj + y.mean(0)
+        assert float(curves.feature_output[r - 1]) == pytest.approx(float((y_f - y).norm() / y.norm()), abs=1e-7)
+        assert float(curves.feature_frob[r - 1]) == pytest.approx(float((w - proj @ w).norm() / w.norm()), abs=1e-7)
+        first, second, sb = feature_factors(w, b, *_moments(x), r)   # the factorised layer computes y_f
+        torch.testing.assert_close(x @ first.T @ second.T + sb, y_f)
+        wf, ws = weight_factors(w, r)
+        torch.testing.assert_close(ws @ wf, w_r)
+    assert float(curves.weight_frob[-1]) == pytest.approx(0, abs=1e-7)
+    assert float(curves.feature_output[-1]) == pytest.approx(0, abs=1e-7)
+
+
+def test_feature_space_never_loses_to_weight_space_on_the_calibration_outputs():
+    # PCA of the outputs is the best rank-r fit of the centred outputs (Eckart-Young), and it keeps the mean
+    w, b, x = _layer(9, 6, seed=3)
+    c = rank_curves(w, b, *_moments(x))
+    assert bool((c.feature_output <= c.weight_output + 1e-7).all())
+
+
+def test_smallest_rank_and_params():
+    curve = torch.tensor([0.5, 0.2, 0.09, 0.01])
+    assert smallest_rank(curve, 0.1) == 3 and smallest_rank(curve, 0.5) == 1 and smallest_rank(curve, 0.001) == 4
+    assert factor_params(8, 4, 2) == 2 * 12 + 8 and factor_params(8, 4, 2, bias=False) == 24
+
+
+def test_lowrank_table_on_a_tiny_bert_matches_brute_force_on_the_real_tokens():
+    from test_models import FAMILIES
+
+    from s2d.lowrank import lowrank_table
+    from s2d.models import blocks
+
+    model = FAMILIES["bert"][0]().eval()
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[1, 4:] = 0                                             # padding must be left out
+    batches = [{"input_ids": torch.randint(1, 100, (3, 7), generator=torch.Generator().manual_seed(i)),
+                "attention_mask": mask} for i in range(2)]
+    table = lowrank_table(model, batches, threshold=0.2)
+    names = [r.name for r in table]
+    assert "classifier" not in names and len(names) == 6 * len(blocks(model)) + 1   # q k v o fc1 fc2, the pooler
+    name = blocks(model)[1].fc2
+    layer = dict(model.named_modules())[name]
+    seen = []
+    h = layer.register_forward_hook(lambda m, a, o: seen.append(a[0][mask.bool()].double()))
+    with torch.no_grad():
+        for b in batches:
+            model(**b)
+    h.remove()
+    x = torch.cat(seen)
+    ref = rank_curves(layer.weight, layer.bias, *_moments(x))
+    row = table[names.index(name)]
+    torch.testing.assert_close(torch.tensor(row.curves["feature_output"], dtype=torch.float64), ref.feature_output)
+    assert row.feature_rank == smallest_rank(ref.feature_output, 0.2) <= row.weight_rank <= row.full_rank == 32
+    assert row.break_even == 21                                 # 21 * (64 + 32) = 2016 < 2048 <= 22 * 96
+    with pytest.raises(ValueError, match="threshold must be in"):
+        lowrank_table(model, batches, threshold=1.5)
