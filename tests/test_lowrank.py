@@ -89,3 +89,72 @@ def test_lowrank_table_on_a_tiny_bert_matches_brute_force_on_the_real_tokens():
     assert row.break_even == 21                                 # 21 * (64 + 32) = 2016 < 2048 <= 22 * 96
     with pytest.raises(ValueError, match="threshold must be in"):
         lowrank_table(model, batches, threshold=1.5)
+
+
+def _tiny_bert_and_batches():
+    from test_models import FAMILIES
+    model = FAMILIES["bert"][0]().eval()
+    batches = [{"input_ids": torch.randint(1, 100, (4, 9), generator=torch.Generator().manual_seed(i)),
+                "attention_mask": torch.ones(4, 9, dtype=torch.long)} for i in range(3)]
+    return model, batches
+
+
+@pytest.mark.parametrize("space", ["feature", "weight"])
+def test_plan_by_ratio_is_the_smallest_common_threshold_that_fits(space):
+    from s2d.lowrank import lowrank_table, plan_ranks
+    from s2d.lowrank.factorise import linear_params
+
+    model, batches = _tiny_bert_and_batches()
+    rows = lowrank_table(model, batches, threshold=0.1)
+    dense = linear_params(rows)
+    plan = plan_ranks(rows, space, ratio=0.8)
+    assert plan.params <= 0.8 * dense and plan.dense_params == dense and plan.ranks
+    # brute force: the errors only change plans at curve values; the smallest value whose plan fits
+    values = sorted({v for r in rows for v in r.curves[f"{space}_output"]})
+    fits = [t for t in values if plan_ranks(rows, space, threshold=t).params <= 0.8 * dense]
+    assert plan.ranks == plan_ranks(rows, space, threshold=fits[0]).ranks
+    for r in rows:                                              # only below break-even, at the threshold's rank
+        if r.name in plan.ranks:
+            assert plan.ranks[r.name] <= r.break_even
+            assert plan.ranks[r.name] == smallest_rank(torch.tensor(r.curves[f"{space}_output"]), plan.threshold)
+    with pytest.raises(ValueError, match="exactly one of threshold and ratio"):
+        plan_ranks(rows, space)
+    with pytest.raises(ValueError, match="space must be one of"):
+        plan_ranks(rows, "pca", ratio=0.5)
+
+
+def test_factorise_block_by_block_sees_the_factorised_inputs():
+    import copy
+
+    from s2d.lowrank import factorise_model, lowrank_table, plan_ranks
+    from s2d.lowrank.factorise import RankPlan
+    from s2d.models import blocks
+
+    model, batches = _tiny_bert_and_batches()
+    original = copy.deepcopy(model)
+    rows = lowrank_table(model, batches, threshold=0.1)
+    plan = plan_ranks(rows, "feature", ratio=0.7)
+    first_block, second_block = (b.name for b in blocks(model))
+    target = next(n for n in plan.ranks if n.startswith(second_block + "."))
+    factorise_model(model, batches, plan)
+    n_params = sum(p.numel() for r in rows for p in model.get_submodule(r.name).parameters())
+    assert n_params == plan.params                              # the factors hold exactly the planned parameters
+    assert all(isinstance(model.get_submodule(n), torch.nn.Sequential) for n in plan.ranks)
+    # brute force: factorise only the first block, capture the target's inputs, build its factors
+    ref = copy.deepcopy(original)
+    early = {n: r for n, r in plan.ranks.items() if n.startswith(first_block + ".")}
+    factorise_model(ref, batches, RankPlan("feature", plan.threshold, early, 0, 0))
+    seen = []
+    h = ref.get_submodule(target).register_forward_hook(lambda m, a, o: seen.append(a[0].reshape(-1, a[0].shape[-1]).double()))
+    with torch.no_grad():
+        for b in batches:
+            ref(**b)
+    h.remove()
+    x = torch.cat(seen)
+    lin = original.get_submodule(target)
+    first, second, bias = feature_factors(lin.weight, lin.bias, *_moments(x), plan.ranks[target])
+    got = model.get_submodule(target)
+    torch.testing.assert_close(got[0].weight.double(), first, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got[1].bias.double(), bias, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():                                       # the factorised model still classifies
+        assert model(**batches[0]).logits.shape == original(**batches[0]).logits.shape
