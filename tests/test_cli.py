@@ -254,3 +254,20 @@ def test_lowrank_local_model(tiny, tmp_path, capsys):
     assert (out / "lowrank.png").read_bytes()[:4] == b"\x89PNG"
     assert main(["lowrank", str(model_dir), "--data", str(data), "--threshold", "1.5"]) == 2
     assert "--threshold must be in (0, 1)" in capsys.readouterr().err
+
+
+def test_lowrank_compress_local_model(tiny, tmp_path, capsys):
+    model_dir, data = tiny
+    out = tmp_path / "lowrank"
+    assert main(["lowrank", str(model_dir), "--data", str(data), "--out", str(out), "--calib-samples", "16",
+                 "--batch-size", "8", "--max-length", "16", "--compress", "0.9,0.6", "--test-examples", "16",
+                 "--timing-repeats", "2", "--no-progress"]) == 0
+    grid = json.loads((out / "lowrank.json").read_text())["compression"]
+    assert [g["space"] for g in grid] == ["dense", "feature", "feature"] and grid[0]["layers"] == 0
+    dense = grid[0]["linear_params"]
+    for g, ratio in zip(grid[1:], (0.9, 0.6)):
+        assert g["linear_params"] <= ratio * dense and g["model_params"] < grid[0]["model_params"]
+        assert 0 <= g["agreement"] <= 1 and g["ms_per_batch"] > 0
+    assert "| 60% (feature) |" in capsys.readouterr().out
+    assert main(["lowrank", str(model_dir), "--data", str(data), "--compress", "0.9,1.5"]) == 2
+    assert "--compress must be comma-separated shares in (0, 1)" in capsys.readouterr().err

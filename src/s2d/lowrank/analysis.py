@@ -30,6 +30,7 @@ class LayerRank:
     feature_rank: int          # smallest output-PCA rank with feature-space output error <= threshold
     full_rank: int             # min(d_out, d_in)
     break_even: int            # largest rank whose two factors have fewer parameters than the Linear
+    bias: bool = True          # whether the Linear has a bias (counted in parameters)
     curves: dict[str, list[float]] = field(default_factory=dict)   # RankCurves fields, entry r - 1
 
 
@@ -65,7 +66,7 @@ def lowrank_table(model: nn.Module, batches: Iterable[dict], threshold: float = 
             out.append(LayerRank(
                 name, roles.get(name, "other"), (d_out, d_in), threshold,
                 smallest_rank(c.weight_output, threshold), smallest_rank(c.feature_output, threshold),
-                min(d_out, d_in), _break_even(d_out, d_in),
+                min(d_out, d_in), _break_even(d_out, d_in), m.bias is not None,
                 {k: [float(v) for v in getattr(c, k)] for k in ("weight_frob", "weight_output", "feature_frob",
                                                                  "feature_output")}))
     return out

@@ -38,7 +38,7 @@ class RankPlan:
 
 def linear_params(rows: list[LayerRank]) -> int:
     """Parameters (weights + biases) of the analysed Linears, dense."""
-    return sum(r.shape[0] * r.shape[1] + r.shape[0] for r in rows)
+    return sum(r.shape[0] * r.shape[1] + (r.shape[0] if r.bias else 0) for r in rows)
 
 
 def _plan_at(rows: list[LayerRank], space: str, threshold: float) -> RankPlan:
@@ -48,9 +48,9 @@ def _plan_at(rows: list[LayerRank], space: str, threshold: float) -> RankPlan:
         rank = smallest_rank(torch.tensor(r.curves[f"{space}_output"]), threshold)
         if rank <= r.break_even:
             ranks[r.name] = rank
-            params += factor_params(d_out, d_in, rank)
+            params += factor_params(d_out, d_in, rank, r.bias)
         else:
-            params += d_out * d_in + d_out
+            params += d_out * d_in + (d_out if r.bias else 0)
     return RankPlan(space, threshold, ranks, params, linear_params(rows))
 
 
