@@ -38,7 +38,7 @@ def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 def test_help_entry_points(argv, tmp_path):
     proc = _run(argv, tmp_path)
     assert proc.returncode == 0, proc.stderr
-    for cmd in ("run", "inspect", "finetune", "quantize", "evaluate", "export", "assets", "bench"):
+    for cmd in ("run", "inspect", "lowrank", "finetune", "quantize", "evaluate", "export", "assets", "bench"):
         assert cmd in proc.stdout
 
 
@@ -57,7 +57,7 @@ def test_bad_config_subprocess_one_line(tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert lines == ["s2d run: error: unknown arm 'sgd' in arms.names; allowed: adamw, adamw+s2d, adamw+s2d-rel, "
-                     "adamw+condition, muon, muon+s2d, adamw+s2d-all, qat, qat+s2d"]
+                     "adamw+condition, adamw+cd, muon, muon+s2d, adamw+s2d-all, qat, qat+s2d"]
     assert not (tmp_path / "runs").exists()                      # failed before creating anything
 
 
@@ -232,8 +232,8 @@ def test_bad_data_file_one_line_exit_2(tiny, tmp_path):
 
 def test_parser_lists_every_subcommand():
     sub = next(a for a in build_parser()._actions if a.dest == "command")
-    assert set(sub.choices) == {"run", "inspect", "condition", "finetune", "quantize", "evaluate", "export", "assets",
-                                "bench"}
+    assert set(sub.choices) == {"run", "inspect", "condition", "lowrank", "finetune", "quantize", "evaluate", "export",
+                                "assets", "bench"}
 
 
 def test_lowrank_local_model(tiny, tmp_path, capsys):

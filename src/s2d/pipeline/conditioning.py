@@ -9,22 +9,18 @@ read for these only).
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import math
 from itertools import islice
 from pathlib import Path
 
-from safetensors.torch import load_model
 from torch import nn
 
 from s2d.data import Loaders, calibration_batches
 from s2d.models import ModelBundle
 from s2d.pipeline.config import scale_interval
 from s2d.pipeline.evidence import selected_max_abs
-from s2d.pipeline.experiment import load_task, ptq_cell
-from s2d.pipeline.inspection import add_prompt_arguments, cli_task, prompt_options
-from s2d.pipeline.parse import from_dict
+from s2d.pipeline.experiment import ptq_cell
+from s2d.pipeline.inspection import add_prompt_arguments, arm_task, cli_task, prompt_options
 from s2d.pipeline.tables import format_condition_table
 from s2d.probes import spectral_table
 from s2d.quant import Bits, QuantConfig, available_methods
@@ -111,16 +107,9 @@ def cmd_condition(args: argparse.Namespace) -> int:
 
 def _load(args: argparse.Namespace) -> tuple[ModelBundle, Loaders]:
     """MODEL and --data as every subcommand loads them, or a run's arm with its own data and seed."""
-    arm = Path(args.model)
-    fingerprint = arm.parent.parent / "fingerprint.json"
-    if (arm / "model.safetensors").is_file() and (arm / "result.json").is_file() and fingerprint.is_file():
-        cfg = from_dict(json.loads(fingerprint.read_text())["config"])
-        data = cfg.data if args.data is None else dataclasses.replace(cfg.data, dataset=args.data)
-        args.seed = int(json.loads((arm / "result.json").read_text())["seed"])
-        args.data = data.dataset
-        bundle, loaders = load_task(cfg.model, data, batch_size=args.batch_size, eval_batch_size=args.batch_size,
-                                    seed=args.seed)
-        load_model(bundle.model, str(arm / "model.safetensors"))
+    found = arm_task(args.model, args.data, args.batch_size)
+    if found is not None:
+        bundle, loaders, args.seed, args.data = found
         return bundle, loaders
     if args.data is None:
         raise ValueError(f"--data is required: {args.model} is not the arm directory of an `s2d run`")

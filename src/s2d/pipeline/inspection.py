@@ -4,8 +4,12 @@ every subcommand shares (:func:`cli_task`)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 from itertools import islice
 from pathlib import Path
+
+from safetensors.torch import load_model
 
 from s2d import assets
 from s2d.data import Loaders, calibration_batches
@@ -13,13 +17,14 @@ from s2d.models import ModelBundle, ffn_modules
 from s2d.pipeline.config import DataConfig, ModelConfig
 from s2d.pipeline.experiment import load_task
 from s2d.pipeline.figures import fig_max_abs_per_layer, fig_sensitivity, fig_violins
+from s2d.pipeline.parse import from_dict
 from s2d.pipeline.tables import format_inspect_table, format_peak_table, format_sensitivity_table
 from s2d.probes import capture_activations, peak_locations, spectral_table
 from s2d.quant import Bits, QuantConfig, available_methods
 from s2d.quant.sensitivity import first_examples, site_sensitivity
 from s2d.utils import jsonable, write_json, write_text
 
-__all__ = ["add_inspect", "cmd_inspect", "cli_task", "add_prompt_arguments", "prompt_options"]
+__all__ = ["add_inspect", "cmd_inspect", "cli_task", "arm_task", "add_prompt_arguments", "prompt_options"]
 
 
 def add_inspect(sub: argparse._SubParsersAction) -> None:
@@ -67,6 +72,21 @@ def cli_task(model: str, data: str | None, *, max_length: int = 64, batch_size: 
                                                     limit_eval=limit_eval, prompt=prompt,
                                                     label_words=tuple(label_words) if label_words else None),
                      batch_size=batch_size, eval_batch_size=batch_size, seed=seed)
+
+
+def arm_task(path: str, data: str | None, batch_size: int = 32) -> tuple[ModelBundle, Loaders, int, str] | None:
+    """An `s2d run` arm directory (RUN/arms/<arm>@s<seed>) as (its trained model, its run's data (or
+    ``data``) with its split, its seed, the dataset's name); None when ``path`` is not such a directory."""
+    arm = Path(path)
+    fingerprint = arm.parent.parent / "fingerprint.json"
+    if not ((arm / "model.safetensors").is_file() and (arm / "result.json").is_file() and fingerprint.is_file()):
+        return None
+    cfg = from_dict(json.loads(fingerprint.read_text())["config"])
+    data_cfg = cfg.data if data is None else dataclasses.replace(cfg.data, dataset=data)
+    seed = int(json.loads((arm / "result.json").read_text())["seed"])
+    bundle, loaders = load_task(cfg.model, data_cfg, batch_size=batch_size, eval_batch_size=batch_size, seed=seed)
+    load_model(bundle.model, str(arm / "model.safetensors"))
+    return bundle, loaders, seed, data_cfg.dataset
 
 
 def add_prompt_arguments(p: argparse.ArgumentParser) -> None:

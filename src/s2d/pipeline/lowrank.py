@@ -11,7 +11,7 @@ from s2d.lowrank import lowrank_table
 from s2d.lowrank.factorise import SPACES
 from s2d.pipeline.compression import compression_grid, format_compression_table
 from s2d.pipeline.figures import fig_lowrank
-from s2d.pipeline.inspection import add_prompt_arguments, cli_task, prompt_options
+from s2d.pipeline.inspection import add_prompt_arguments, arm_task, cli_task, prompt_options
 from s2d.pipeline.tables import format_lowrank_table
 from s2d.utils import jsonable, write_json, write_text
 
@@ -27,7 +27,8 @@ def add_lowrank(sub: argparse._SubParsersAction) -> None:
                                    "(lowrank.md), the curves (lowrank.json) and a figure (lowrank.png).")
     p.add_argument("model", help="s2d asset name, local Hugging Face directory, hub id, or an `s2d run` arm folder")
     p.add_argument("--data", default=None,
-                   help="dataset asset or path (default: rotten-tomatoes for text, fashion-mnist for images)")
+                   help="dataset asset or path (default: an arm's own data; rotten-tomatoes for text, "
+                        "fashion-mnist for images)")
     p.add_argument("--out", default=None, help="output directory (default runs/lowrank-<model>)")
     p.add_argument("--threshold", type=float, default=0.1,
                    help="relative output error ‖Ŷ − Y‖_F / ‖Y‖_F allowed per layer, in (0, 1) (default 0.1)")
@@ -41,7 +42,8 @@ def add_lowrank(sub: argparse._SubParsersAction) -> None:
                         "parameters (e.g. 0.9,0.7,0.5), block by block, and score each on the test split")
     p.add_argument("--space", default="feature", choices=SPACES,
                    help="--compress: feature space (output PCA, LLM-ROM; default) or weight space (SVD)")
-    p.add_argument("--test-examples", type=int, default=512, help="--compress: test examples scored (default 512)")
+    p.add_argument("--test-examples", type=int, default=512,
+                   help="--compress: test examples scored (default 512; an `s2d run` arm uses its run's split)")
     p.add_argument("--timing-repeats", type=int, default=5, help="--compress: timed forwards per model (default 5)")
     add_prompt_arguments(p)
     p.add_argument("--no-progress", action="store_true")
@@ -57,8 +59,10 @@ def cmd_lowrank(args: argparse.Namespace) -> int:
     for flag, value in (("--test-examples", args.test_examples), ("--timing-repeats", args.timing_repeats)):
         if value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
-    bundle, loaders = cli_task(args.model, args.data, max_length=args.max_length, batch_size=args.batch_size,
-                               limit_eval=args.test_examples, **prompt_options(args))
+    found = arm_task(args.model, args.data, args.batch_size)     # an `s2d run` arm: its model, data, split
+    bundle, loaders = found[:2] if found else cli_task(args.model, args.data, max_length=args.max_length,
+                                                       batch_size=args.batch_size, limit_eval=args.test_examples,
+                                                       **prompt_options(args))
     calib = calibration_batches(loaders, num_samples=args.calib_samples, batch_size=args.batch_size)
     layers = lowrank_table(bundle.model, calib, threshold=args.threshold, include_head=args.include_head,
                            progress=not args.no_progress)
