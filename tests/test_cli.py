@@ -271,3 +271,28 @@ def test_lowrank_compress_local_model(tiny, tmp_path, capsys):
     assert "| 60% (feature) |" in capsys.readouterr().out
     assert main(["lowrank", str(model_dir), "--data", str(data), "--compress", "0.9,1.5"]) == 2
     assert "--compress must be comma-separated shares in (0, 1)" in capsys.readouterr().err
+
+
+def test_lowrank_of_a_whole_run_compares_its_arms(tiny, tmp_path, capsys):
+    from s2d.pipeline.experiment import run_experiment
+    from s2d.pipeline.parse import from_dict
+    from test_experiment import CountingCell, raw_config
+
+    run = tmp_path / "run"
+    cfg = from_dict(raw_config(*tiny, arms={"names": ["adamw", "adamw+s2d"]},
+                               quant={"bits": ["W8A8"], "methods": ["rtn"], "method_bits": {}}))
+    run_experiment(cfg, run, progress=False, cell_fn=CountingCell())
+    out = tmp_path / "lr"
+    assert main(["lowrank", str(run), "--out", str(out), "--calib-samples", "16", "--batch-size", "8",
+                 "--threshold", "0.2", "--no-progress"]) == 0
+    table = capsys.readouterr().out
+    saved = json.loads((out / "lowrank-arms.json").read_text())
+    assert [(a["arm"], a["seed"]) for a in saved["arms"]] == [("adamw", 0), ("adamw+s2d", 0)]
+    assert "| adamw+s2d | 1 |" in table and "FFN down: feature / weight rank" in table
+    # the same arm analysed alone gives the same ranks
+    assert main(["lowrank", str(run / "arms" / "adamw@s0"), "--out", str(tmp_path / "one"), "--calib-samples", "16",
+                 "--batch-size", "8", "--threshold", "0.2", "--no-progress"]) == 0
+    alone = json.loads((tmp_path / "one" / "lowrank.json").read_text())["layers"]
+    assert [(r["name"], r["feature_rank"], r["weight_rank"]) for r in alone] == \
+        [(r["name"], r["feature_rank"], r["weight_rank"]) for r in saved["arms"][0]["layers"]]
+    assert 0 < saved["arms"][0]["feature_params"] <= 1

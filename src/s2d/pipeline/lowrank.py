@@ -4,15 +4,22 @@ threshold (:mod:`s2d.lowrank`, docs/lowrank.md)."""
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from s2d.data import calibration_batches
 from s2d.lowrank import lowrank_table
-from s2d.lowrank.factorise import SPACES
+from s2d.lowrank.factorise import SPACES, plan_ranks
 from s2d.pipeline.compression import compression_grid, format_compression_table
 from s2d.pipeline.figures import fig_lowrank
-from s2d.pipeline.inspection import add_prompt_arguments, arm_task, cli_task, prompt_options
-from s2d.pipeline.tables import format_lowrank_table
+from s2d.pipeline.inspection import (
+    add_prompt_arguments,
+    arm_task,
+    cli_task,
+    prompt_options,
+)
+from s2d.pipeline.parse import from_dict
+from s2d.pipeline.tables import format_lowrank_arms_table, format_lowrank_table
 from s2d.utils import jsonable, write_json, write_text
 
 __all__ = ["add_lowrank", "cmd_lowrank"]
@@ -25,7 +32,8 @@ def add_lowrank(sub: argparse._SubParsersAction) -> None:
                                    "its outputs on calibration data (feature space, LLM-ROM), for every r; the "
                                    "smallest rank that keeps the output error under --threshold; a table "
                                    "(lowrank.md), the curves (lowrank.json) and a figure (lowrank.png).")
-    p.add_argument("model", help="s2d asset name, local Hugging Face directory, hub id, or an `s2d run` arm folder")
+    p.add_argument("model", help="s2d asset name, local Hugging Face directory, hub id, an `s2d run` arm folder "
+                                 "(RUN/arms/adamw@s0), or a whole run folder (every arm and seed, compared)")
     p.add_argument("--data", default=None,
                    help="dataset asset or path (default: an arm's own data; rotten-tomatoes for text, "
                         "fashion-mnist for images)")
@@ -59,6 +67,8 @@ def cmd_lowrank(args: argparse.Namespace) -> int:
     for flag, value in (("--test-examples", args.test_examples), ("--timing-repeats", args.timing_repeats)):
         if value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
+    if (Path(args.model) / "fingerprint.json").is_file():
+        return _lowrank_run(args, Path(args.model))
     found = arm_task(args.model, args.data, args.batch_size)     # an `s2d run` arm: its model, data, split
     bundle, loaders = found[:2] if found else cli_task(args.model, args.data, max_length=args.max_length,
                                                        batch_size=args.batch_size, limit_eval=args.test_examples,
@@ -96,3 +106,34 @@ def _ratios(text: str) -> list[float]:
     if not ratios or not all(0 < r < 1 for r in ratios):
         raise ValueError(f"--compress must be comma-separated shares in (0, 1), got {text!r}")
     return ratios
+
+
+def _lowrank_run(args: argparse.Namespace, run: Path) -> int:
+    """Every arm and seed of an `s2d run` folder: the rank its Linears need, summarised per arm."""
+    order = [a.name for a in from_dict(json.loads((run / "fingerprint.json").read_text())["config"]).arms]
+
+    def key(path: Path) -> tuple[int, str, int]:        # the run's arm order, then the seed
+        arm, seed = path.name.rsplit("@s", 1)
+        return (order.index(arm) if arm in order else len(order), arm, int(seed))
+
+    arms = sorted((p for p in (run / "arms").iterdir() if (p / "model.safetensors").is_file()), key=key)
+    if not arms:
+        raise ValueError(f"{run}: no arm models under {run / 'arms'} (run `s2d run` to the end first)")
+    summaries = []
+    for path in arms:
+        bundle, loaders, seed, _ = arm_task(str(path), args.data, args.batch_size)
+        calib = calibration_batches(loaders, num_samples=args.calib_samples, batch_size=args.batch_size)
+        layers = lowrank_table(bundle.model, calib, threshold=args.threshold, include_head=args.include_head,
+                               progress=not args.no_progress)
+        plans = {space: plan_ranks(layers, space, threshold=args.threshold) for space in SPACES}
+        summaries.append({"arm": path.name.rsplit("@s", 1)[0], "seed": seed, "layers": [jsonable(r) for r in layers],
+                          **{f"{space}_params": p.params / p.dense_params for space, p in plans.items()}})
+    out = Path(args.out or f"runs/lowrank-{run.name}")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "lowrank-arms.json", {"run": str(run), "threshold": args.threshold,
+                                           "calib_samples": args.calib_samples, "arms": summaries})
+    text = format_lowrank_arms_table(summaries)
+    write_text(out / "lowrank-arms.md", text + "\n")
+    print(text)
+    print(f"\nwritten: {out}/lowrank-arms.json, {out}/lowrank-arms.md")
+    return 0

@@ -18,7 +18,7 @@ from s2d.pipeline.evidence import accuracy_rows, deployed_rows, float_arms, has_
 from s2d.stats import format_comparison, format_estimate
 
 __all__ = ["format_accuracy_table", "format_deployed_table", "format_perplexity_table", "format_qat_table", "is_ffn", "layer_rows", "format_layer_table",
-           "format_alignment_table", "format_lowrank_table",
+           "format_alignment_table", "format_lowrank_table", "format_lowrank_arms_table",
            "format_inspect_table", "format_condition_table", "format_outlier_table", "format_peak_table", "format_sensitivity_table",
            "short_name"]
 
@@ -179,6 +179,30 @@ def format_lowrank_table(rows: list[dict]) -> str:
         lines.append(f"| {short_name(r['name'])} | {r['role']} | {r['shape'][0]}x{r['shape'][1]} | {full} | "
                      f"{r['break_even']} | {r['weight_rank']} ({r['weight_rank'] / full:.0%}) | "
                      f"{r['feature_rank']} ({r['feature_rank'] / full:.0%}) |")
+    return "\n".join(lines)
+
+
+_ROLE_GROUPS = {"attention": ("q", "k", "v", "qkv", "attn_out"), "FFN up": ("fc1",), "FFN down": ("fc2",)}
+
+
+def format_lowrank_arms_table(summaries: list[dict]) -> str:
+    """Markdown, one line per arm (mean over its seeds): the rank each construction needs as a share of
+    the full rank, per role group, and the parameter share a threshold plan keeps (``s2d lowrank RUN``)."""
+    by_arm: dict[str, list[dict]] = {}
+    for s in summaries:
+        by_arm.setdefault(s["arm"], []).append(s)
+    t = summaries[0]["layers"][0]["threshold"] if summaries and summaries[0]["layers"] else 0.0
+    groups = list(_ROLE_GROUPS)
+    lines = ["| arm | seeds | " + " | ".join(f"{g}: feature / weight rank" for g in groups)
+             + f" | params kept at ≤{t:.0%} error: feature / weight |", "|---" * (len(groups) + 3) + "|"]
+    for arm, runs in by_arm.items():
+        cells = []
+        for g in groups:
+            shares = {sp: [r[f"{sp}_rank"] / r["full_rank"] for s in runs for r in s["layers"]
+                           if r["role"] in _ROLE_GROUPS[g]] for sp in ("feature", "weight")}
+            cells.append(" / ".join(f"{sum(v) / len(v):.0%}" if v else "-" for v in shares.values()))
+        kept = " / ".join(f"{sum(s[f'{sp}_params'] for s in runs) / len(runs):.0%}" for sp in ("feature", "weight"))
+        lines.append(f"| {arm} | {len(runs)} | " + " | ".join(cells) + f" | {kept} |")
     return "\n".join(lines)
 
 
