@@ -144,10 +144,8 @@ def _regression() -> list[tuple[torch.Tensor, torch.Tensor]]:
     return out
 
 
-@pytest.mark.slow
-def test_lightning_callback_matches_manual_loop(tmp_path):
-    pl = pytest.importorskip("lightning.pytorch")
-    from s2d.integrations.lightning import S2DLightningCallback
+def _lightning_fit(pl, callback, data, tmp_path):
+    """Fit a LightningModule around ``_mlp()`` on ``data`` with ``callback``; returns (module, trainer)."""
 
     class Module(pl.LightningModule):
         def __init__(self) -> None:
@@ -161,27 +159,36 @@ def test_lightning_callback_matches_manual_loop(tmp_path):
         def configure_optimizers(self):
             return torch.optim.AdamW(self.parameters(), lr=1e-2, weight_decay=0.0)
 
-    data = _regression()
-    loader = torch.utils.data.DataLoader(data, batch_size=None, shuffle=False)
-    module, cb = Module(), S2DLightningCallback(CFG)
-    trainer = pl.Trainer(max_steps=STEPS, accelerator="cpu", devices=1, callbacks=[cb], logger=False,
-                         enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path))
-    trainer.fit(module, loader)
+    module = Module()
+    trainer = pl.Trainer(max_steps=STEPS, accelerator="cpu", devices=1, callbacks=[callback], logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=str(tmp_path))
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=None, shuffle=False))
+    return module, trainer
 
-    net = _mlp()  # the same steps written by hand
+
+def _manual_loop(data, attach=None):
+    """The same steps written by hand: ``_mlp()`` under AdamW, with ``attach(net, opt)``'s regularizer."""
+    net = _mlp()
     opt = torch.optim.AdamW(net.parameters(), lr=1e-2, weight_decay=0.0)
-    ref = SelectiveSpectralDecay(net, opt, CFG)
+    reg = attach(net, opt) if attach is not None else None
     for x, y in data:
         nn.functional.mse_loss(net(x), y).backward()
         opt.step()
         opt.zero_grad()
-    plain = _mlp()
-    plain_opt = torch.optim.AdamW(plain.parameters(), lr=1e-2, weight_decay=0.0)
-    for x, y in data:
-        nn.functional.mse_loss(plain(x), y).backward()
-        plain_opt.step()
-        plain_opt.zero_grad()
+    return net, reg
+
+
+@pytest.mark.slow
+def test_lightning_callback_matches_manual_loop(tmp_path):
+    pl = pytest.importorskip("lightning.pytorch")
+    from s2d.integrations.lightning import S2DLightningCallback
+
+    data = _regression()
+    cb = S2DLightningCallback(CFG)
+    module, trainer = _lightning_fit(pl, cb, data, tmp_path)
+    net, ref = _manual_loop(data, lambda n, o: SelectiveSpectralDecay(n, o, CFG))
+    plain, _ = _manual_loop(data)
 
     assert cb.decay.step == STEPS and {s.refreshed_at for s in cb.layer_stats()} == {4}
     assert [s.k_target for s in cb.layer_stats()] == [s.k_target for s in ref.layer_stats()]
@@ -208,31 +215,10 @@ def test_cd_lightning_callback_matches_manual_loop(tmp_path):
     pl = pytest.importorskip("lightning.pytorch")
     from s2d.integrations.lightning import CDLightningCallback
 
-    class Module(pl.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = _mlp()
-
-        def training_step(self, batch, idx):
-            return nn.functional.mse_loss(self.net(batch[0]), batch[1])
-
-        def configure_optimizers(self):
-            return torch.optim.AdamW(self.parameters(), lr=1e-2, weight_decay=0.0)
-
     data = _regression()
-    module = Module()
     cb = CDLightningCallback(CD, pairs=[Pair("net.0", "net.2", "ffn"), Pair("net.2", "net.4", "ffn")])
-    trainer = pl.Trainer(max_steps=STEPS, accelerator="cpu", devices=1, callbacks=[cb], logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         default_root_dir=str(tmp_path))
-    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=None, shuffle=False))
-    net = _mlp()
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-2, weight_decay=0.0)
-    ref = ColinearityDecay(net, opt, CD, [Pair("0", "2", "ffn"), Pair("2", "4", "ffn")])
-    for x, y in data:
-        nn.functional.mse_loss(net(x), y).backward()
-        opt.step()
-        opt.zero_grad()
+    module, _ = _lightning_fit(pl, cb, data, tmp_path)
+    net, ref = _manual_loop(data, lambda n, o: ColinearityDecay(n, o, CD, [Pair("0", "2", "ffn"), Pair("2", "4", "ffn")]))
     for a, b in zip(module.net.parameters(), net.parameters()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
     assert [s.alignment for s in cb.pair_stats()] == pytest.approx([s.alignment for s in ref.pair_stats()], rel=1e-5)

@@ -14,7 +14,7 @@ from s2d.lowrank import LayerRank, factorise_model, plan_ranks
 from s2d.lowrank.factorise import linear_params
 from s2d.stats import cell_estimate, format_comparison, format_estimate, paired_comparison
 from s2d.train import evaluate_outcomes
-from s2d.utils import to_device
+from s2d.utils import model_device, to_device
 
 __all__ = ["compression_grid", "format_compression_table", "interleaved_ms"]
 
@@ -49,7 +49,7 @@ def compression_grid(model: nn.Module, loaders: Loaders, calib: list[dict], rows
         outcomes.append(evaluate_outcomes(small, loaders.test, progress=progress))
         out.append({"ratio": ratio, "space": space, "threshold": plan.threshold, "layers": len(plan.ranks),
                     "linear_params": plan.params})
-    batch = to_device({k: v for k, v in next(iter(loaders.test)).items() if k != "labels"}, torch.device("cpu"))
+    batch = to_device(next(iter(loaders.test)), model_device(model), drop_labels=True)
     for row, m, o, ms in zip(out, models, outcomes, interleaved_ms(models, batch, repeats)):
         row.update(model_params=sum(p.numel() for p in m.parameters()), ms_per_batch=ms,
                    accuracy=cell_estimate(o.correct.numpy().astype(float)),
