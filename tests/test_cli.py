@@ -273,6 +273,34 @@ def test_lowrank_compress_local_model(tiny, tmp_path, capsys):
     assert "--compress must be comma-separated shares in (0, 1)" in capsys.readouterr().err
 
 
+def test_lowrank_compress_then_quantize(tiny, tmp_path, capsys):
+    """--quant: every budget's model gets the PTQ cells; the dense row's cell is the plain PTQ cell of the
+    dense model (recomputed here), and each factorised cell is paired against it."""
+    from s2d.data import calibration_batches
+    from s2d.pipeline.experiment import ptq_cell
+    from s2d.pipeline.inspection import cli_task
+    from s2d.quant import QuantConfig
+    model_dir, data = tiny
+    out = tmp_path / "lowrank"
+    args = ["lowrank", str(model_dir), "--data", str(data), "--out", str(out), "--calib-samples", "16",
+            "--batch-size", "8", "--max-length", "16", "--compress", "0.6", "--test-examples", "16",
+            "--timing-repeats", "1", "--no-progress"]
+    assert main(args + ["--quant", "W8A8:rtn,W4A4:repq"]) == 0
+    grid = json.loads((out / "lowrank.json").read_text())["compression"]
+    assert [list(g["quant"]) for g in grid] == [["W8A8 rtn", "W4A4 repq"]] * 2
+    assert grid[0]["inner_max_abs"] is None and grid[1]["inner_max_abs"] > 0 and grid[1]["max_abs"] > 0
+    assert grid[0]["quant"]["W4A4 repq"]["vs_dense"]["delta"] == 0
+    bundle, loaders = cli_task(str(model_dir), str(data), max_length=16, batch_size=8, limit_eval=16)
+    calib = calibration_batches(loaders, num_samples=16, batch_size=8)
+    hits = ptq_cell(bundle.model, QuantConfig(w_bits=4, a_bits=4), "repq", calib, loaders.test, False).correct
+    assert grid[0]["quant"]["W4A4 repq"]["accuracy"]["mean"] == pytest.approx(hits.float().mean().item())
+    assert "max abs(a), rank-r intermediates" in capsys.readouterr().out
+    assert main(args + ["--quant", "W4A4:gptq"]) == 2
+    assert "--quant must be comma-separated BITS:METHOD cells" in capsys.readouterr().err
+    assert main([a for a in args if a not in ("--compress", "0.6")] + ["--quant", "W4A4:rtn"]) == 2
+    assert "--quant needs --compress" in capsys.readouterr().err
+
+
 def test_lowrank_of_a_whole_run_compares_its_arms(tiny, tmp_path, capsys):
     from s2d.pipeline.experiment import run_experiment
     from s2d.pipeline.parse import from_dict

@@ -199,3 +199,96 @@ def test_minilm_factorised_layer_error_is_its_curve_value():
     measured = float((y_hat - y).norm() / y.norm())
     assert measured == pytest.approx(rows[name].curves["feature_output"][plan.ranks[name] - 1], rel=1e-3)
     assert measured <= plan.threshold + 1e-9
+
+
+def _identity_factorised(model):
+    """Every block Linear replaced by nn.Sequential(itself, an identity Linear): a factorisation that
+    computes exactly what the dense model does."""
+    import copy
+
+    from torch import nn
+
+    from s2d.models import blocks
+    model = copy.deepcopy(model)
+    for b in blocks(model):
+        for name in [*b.qkv, b.attn_out, *b.fc1, b.fc2]:
+            lin = model.get_submodule(name)
+            eye = nn.Linear(lin.out_features, lin.out_features, bias=False)
+            with torch.no_grad():
+                eye.weight.copy_(torch.eye(lin.out_features))
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent), leaf, nn.Sequential(lin, eye))
+    return model
+
+
+@pytest.mark.parametrize("method", ["rtn", "repq", "ptq4vit", "erq"])
+@pytest.mark.parametrize("family", ["bert", "vit"])
+def test_ptq_methods_treat_a_factorised_layer_as_the_layer_it_replaces(family, method):
+    """With the second factors left in float (an identity here), a method must quantize the first factor
+    exactly as it quantizes the dense layer: the same slot in the block (LayerNorm reparameterisation,
+    the post-GELU quantizer, ERQ's compensation), so the quantized logits are equal."""
+    import copy
+
+    from ptq_models import MODELS, logits
+
+    from s2d.quant import QuantConfig, quantize_model
+    make, make_batches = MODELS[family]
+    model, batches = make(), make_batches()
+    spec = QuantConfig(w_bits=4, a_bits=4, skip=("*.1",))
+    dense = quantize_model(copy.deepcopy(model), spec, method=method, calib=batches, progress=False)
+    factorised = quantize_model(_identity_factorised(model), spec, method=method, calib=batches, progress=False)
+    assert torch.equal(logits(factorised, batches[1]), logits(dense, batches[1]))
+    assert not torch.allclose(logits(dense, batches[1]), logits(model, batches[1]), atol=1e-4)   # it quantized
+
+
+def test_a_factorised_fused_qkv_is_refused_by_the_ptq_methods():
+    from test_models import FAMILIES
+    from torch import nn
+
+    from s2d.quant.ptq.common import require_blocks
+    model = FAMILIES["timm-vit"][0]()
+    qkv = model.blocks[0].attn.qkv
+    model.blocks[0].attn.qkv = nn.Sequential(nn.Linear(qkv.in_features, 4), nn.Linear(4, qkv.out_features))
+    with pytest.raises(ValueError, match="factorised fused qkv"):
+        require_blocks(model)
+
+
+def test_output_max_abs_against_the_factors_run_by_hand():
+    """max |a| of every layer output (the second factor's for a factorised layer) and of the rank-r
+    intermediates, against running each factor on its captured real-token inputs."""
+    import copy
+
+    from s2d.lowrank import factorise_model, lowrank_table, plan_ranks
+    from s2d.pipeline.compression import output_max_abs
+    model, batches = _tiny_bert_and_batches()
+    for b in batches:
+        b["attention_mask"][:2, 6:] = 0                          # padding must be left out
+    rows = lowrank_table(model, batches, threshold=0.2)
+    small = factorise_model(copy.deepcopy(model), batches, plan_ranks(rows, "feature", ratio=0.6)).eval()
+    names = [r.name for r in rows]
+    mods = dict(small.named_modules())
+    inputs = {n: [] for n in names}
+    hooks = [mods[n].register_forward_pre_hook(lambda m, a, n=n: inputs[n].append(a[0])) for n in names]
+    with torch.no_grad():
+        for b in batches:
+            small(**b)
+            for n in names:                                  # the pooler's input is (B, C): no padding
+                x = inputs[n][-1]
+                inputs[n][-1] = x[b["attention_mask"].bool()] if x.dim() == 3 else x
+    for h in hooks:
+        h.remove()
+    outer, inner = 0.0, 0.0
+    with torch.no_grad():
+        for n in names:
+            x = torch.cat(inputs[n])
+            m = mods[n]
+            if isinstance(m, torch.nn.Sequential):
+                mid = x @ m[0].weight.T
+                inner = max(inner, mid.abs().max().item())
+                y = mid @ m[1].weight.T + m[1].bias
+            else:
+                y = x @ m.weight.T + m.bias
+            outer = max(outer, y.abs().max().item())
+    got_outer, got_inner = output_max_abs(small, names, batches)
+    assert got_outer == pytest.approx(outer, rel=1e-5) and got_inner == pytest.approx(inner, rel=1e-5)
+    assert output_max_abs(model, names, batches)[1] is None

@@ -1,22 +1,29 @@
 """`s2d lowrank --compress`: factorise a model at several parameter budgets and measure what each
-keeps (accuracy with a paired CI against the dense model, agreement, parameters, CPU latency)."""
+keeps (accuracy with a paired CI against the dense model, agreement, parameters, CPU latency) and,
+with ``--quant``, how it quantizes (max |a| of the layer outputs and of the rank-r intermediates, and
+PTQ accuracy paired against the dense model's at the same cell)."""
 from __future__ import annotations
 
 import copy
 import time
+from itertools import islice
 from statistics import median
 
+import numpy as np
 import torch
 from torch import nn
 
 from s2d.data import Loaders
 from s2d.lowrank import LayerRank, factorise_model, plan_ranks
 from s2d.lowrank.factorise import linear_params
+from s2d.pipeline.experiment import ptq_cell
+from s2d.probes import capture_activations
+from s2d.quant import Bits, QuantConfig
 from s2d.stats import cell_estimate, format_comparison, format_estimate, paired_comparison
 from s2d.train import evaluate_outcomes
 from s2d.utils import model_device, to_device
 
-__all__ = ["compression_grid", "format_compression_table", "interleaved_ms"]
+__all__ = ["compression_grid", "format_compression_table", "format_quantized_table", "interleaved_ms", "parse_cells"]
 
 
 def interleaved_ms(models: list[nn.Module], batch: dict, repeats: int) -> list[float]:
@@ -33,10 +40,36 @@ def interleaved_ms(models: list[nn.Module], batch: dict, repeats: int) -> list[f
     return [median(t) for t in times]
 
 
+def parse_cells(text: str, methods: list[str]) -> list[tuple[Bits, str]]:
+    """``"W6A6:rtn,W4A4:repq"`` -> [(Bits(6, 6), "rtn"), (Bits(4, 4), "repq")] (methods: the registered ones)."""
+    cells = []
+    for item in text.split(","):
+        bits, sep, method = item.strip().partition(":")
+        if not sep or method not in methods:
+            raise ValueError(f"--quant must be comma-separated BITS:METHOD cells with METHOD one of "
+                             f"{', '.join(methods)}, e.g. W6A6:rtn,W4A4:repq; got {item.strip()!r}")
+        cells.append((Bits.parse(bits, "--quant"), method))
+    return cells
+
+
+def output_max_abs(model: nn.Module, layers: list[str], probe: list[dict]) -> tuple[float, float | None]:
+    """(max |a| over the outputs of ``layers``, max |a| over the rank-r intermediates of the factorised
+    ones, None when none is factorised) on the ``probe`` batches; a factorised layer's output is its
+    second factor's."""
+    mods = dict(model.named_modules())
+    inner = {f"{n}.0": mods[f"{n}.0"] for n in layers if isinstance(mods[n], nn.Sequential)}
+    stats = capture_activations(model, probe, {**{n: mods[n] for n in layers}, **inner}, sample_size=0)
+    outer = max(stats[n].max_abs for n in layers if n in stats)
+    return outer, max((stats[n].max_abs for n in inner if n in stats), default=None)
+
+
 def compression_grid(model: nn.Module, loaders: Loaders, calib: list[dict], rows: list[LayerRank],
                      ratios: list[float], space: str = "feature", repeats: int = 5,
+                     cells: list[tuple[Bits, str]] = (), probe: list[dict] | None = None,
                      progress: bool = False) -> list[dict]:
-    """One row per budget (and the dense model first): plan, factorised model, accuracy, latency."""
+    """One row per budget (and the dense model first): plan, factorised model, accuracy, latency; with
+    ``cells``, also max |a| on ``probe`` (default: the first 2 test batches) and one PTQ cell per
+    (bits, method), calibrated on ``calib``, paired against the dense model's same cell."""
     model.eval()
     dense = evaluate_outcomes(model, loaders.test, progress=progress)
     models, out = [model], [{"ratio": 1.0, "space": "dense", "threshold": 0.0, "layers": 0,
@@ -52,10 +85,33 @@ def compression_grid(model: nn.Module, loaders: Loaders, calib: list[dict], rows
     batch = to_device(next(iter(loaders.test)), model_device(model), drop_labels=True)
     for row, m, o, ms in zip(out, models, outcomes, interleaved_ms(models, batch, repeats)):
         row.update(model_params=sum(p.numel() for p in m.parameters()), ms_per_batch=ms,
-                   accuracy=cell_estimate(o.correct.numpy().astype(float)),
-                   vs_dense=paired_comparison(o.correct.numpy().astype(float), dense.correct.numpy().astype(float)),
+                   accuracy=cell_estimate(_hits(o)), vs_dense=paired_comparison(_hits(o), _hits(dense)),
                    agreement=float((o.pred == dense.pred).float().mean()) if o.pred is not None else None)
+    if cells:
+        _quantized(out, models, loaders, calib, rows, cells, probe, progress)
     return out
+
+
+def _hits(o) -> np.ndarray:
+    return o.correct.numpy().astype(float)
+
+
+def _quantized(out: list[dict], models: list[nn.Module], loaders: Loaders, calib: list[dict],
+               rows: list[LayerRank], cells: list[tuple[Bits, str]], probe: list[dict] | None,
+               progress: bool) -> None:
+    """Add ``max_abs``, ``inner_max_abs`` and ``quant`` (cell name -> accuracy, vs the dense cell) to each row."""
+    probe = probe if probe is not None else list(islice(iter(loaders.test), 2))
+    dense_hits: dict[str, np.ndarray] = {}
+    for row, m in zip(out, models):
+        row["max_abs"], row["inner_max_abs"] = output_max_abs(m, [r.name for r in rows], probe)
+        row["quant"] = {}
+        for bits, method in cells:
+            name = f"{bits.name} {method}"
+            hits = _hits(ptq_cell(m, QuantConfig(w_bits=bits.w, a_bits=bits.a), method, calib, loaders.test,
+                                  progress))
+            dense_hits.setdefault(name, hits)
+            row["quant"][name] = {"accuracy": cell_estimate(hits),
+                                  "vs_dense": paired_comparison(hits, dense_hits[name])}
 
 
 def format_compression_table(rows: list[dict]) -> str:
@@ -70,4 +126,20 @@ def format_compression_table(rows: list[dict]) -> str:
         lines.append(f"| {budget} | {r['layers']} | {r['threshold']:.3f} | {r['linear_params']:,} | "
                      f"{r['model_params']:,} | {format_estimate(r['accuracy'])} | {vs} | {same} | "
                      f"{r['ms_per_batch']:.1f} | {base['ms_per_batch'] / r['ms_per_batch']:.2f}x |")
+    return "\n".join(lines)
+
+
+def format_quantized_table(rows: list[dict]) -> str:
+    """Markdown: per budget, max |a| and every PTQ cell's accuracy (and its paired difference to the dense
+    model's same cell)."""
+    names = list(rows[0]["quant"])
+    lines = ["| budget | max abs(a), layer outputs | max abs(a), rank-r intermediates | " + " | ".join(names) + " |",
+             "|---|---|---|" + "---|" * len(names)]
+    for r in rows:
+        dense = r["space"] == "dense"
+        budget = "dense" if dense else f"{r['ratio']:.0%} ({r['space']})"
+        inner = "-" if r["inner_max_abs"] is None else f"{r['inner_max_abs']:.1f}"
+        cells = [format_estimate(c["accuracy"]) + ("" if dense else f" ({format_comparison(c['vs_dense'])})")
+                 for c in r["quant"].values()]
+        lines.append(f"| {budget} | {r['max_abs']:.1f} | {inner} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -10,7 +10,7 @@ from pathlib import Path
 from s2d.data import calibration_batches
 from s2d.lowrank import lowrank_table
 from s2d.lowrank.factorise import SPACES, plan_ranks
-from s2d.pipeline.compression import compression_grid, format_compression_table
+from s2d.pipeline.compression import compression_grid, format_compression_table, format_quantized_table, parse_cells
 from s2d.pipeline.figures import fig_lowrank
 from s2d.pipeline.inspection import (
     add_prompt_arguments,
@@ -20,6 +20,7 @@ from s2d.pipeline.inspection import (
 )
 from s2d.pipeline.parse import from_dict
 from s2d.pipeline.tables import format_lowrank_arms_table, format_lowrank_table
+from s2d.quant import available_methods
 from s2d.utils import jsonable, write_json, write_text
 
 __all__ = ["add_lowrank", "cmd_lowrank"]
@@ -53,6 +54,10 @@ def add_lowrank(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--test-examples", type=int, default=512,
                    help="--compress: test examples scored (default 512; an `s2d run` arm uses its run's split)")
     p.add_argument("--timing-repeats", type=int, default=5, help="--compress: timed forwards per model (default 5)")
+    p.add_argument("--quant", default=None, metavar="BITS:METHOD,...",
+                   help="--compress: also quantize the dense and every factorised model with these PTQ cells "
+                        "(e.g. W6A6:rtn,W4A4:repq; calibrated on the --calib-samples examples) and report max |a| "
+                        "of the layer outputs and of the rank-r intermediates on 2 test batches")
     add_prompt_arguments(p)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_lowrank)
@@ -64,6 +69,9 @@ def cmd_lowrank(args: argparse.Namespace) -> int:
     if args.calib_samples < 1:
         raise ValueError(f"--calib-samples must be >= 1, got {args.calib_samples}")
     ratios = _ratios(args.compress) if args.compress else []
+    if args.quant and not ratios:
+        raise ValueError("--quant needs --compress (it quantizes the factorised models)")
+    cells = parse_cells(args.quant, available_methods()) if args.quant else []
     for flag, value in (("--test-examples", args.test_examples), ("--timing-repeats", args.timing_repeats)):
         if value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
@@ -78,7 +86,7 @@ def cmd_lowrank(args: argparse.Namespace) -> int:
                            progress=not args.no_progress)
     rows = [jsonable(r) for r in layers]
     grid = compression_grid(bundle.model, loaders, calib, layers, ratios, args.space, args.timing_repeats,
-                            progress=not args.no_progress) if ratios else []
+                            cells=cells, progress=not args.no_progress) if ratios else []
     out = Path(args.out or f"runs/lowrank-{Path(args.model).name}")
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "lowrank.json", {"model": args.model, "threshold": args.threshold,
@@ -90,6 +98,9 @@ def cmd_lowrank(args: argparse.Namespace) -> int:
                  f"parameters; {len(loaders.test.dataset)} test examples, accuracy with a 95 % CI, paired "
                  "difference to the dense model; latency: one test batch, torch on the CPU, interleaved\n\n"
                  + format_compression_table(grid))
+    if cells:
+        text += ("\n\nQuantized after factorising: max |a| on 2 test batches; PTQ accuracy with a 95 % CI and, in "
+                 "brackets, its paired difference to the dense model's same cell\n\n" + format_quantized_table(grid))
     write_text(out / "lowrank.md", text + "\n")
     fig_lowrank(rows, out / "lowrank.png")
     print(text)

@@ -5,13 +5,14 @@
   the batch has an ``attention_mask`` of matching shape, randomly subsampled to a token budget; a
   patch-embedding convolution's input as patch rows (N, C·kh·kw);
 - the groups of Linears that share one input, in forward order (q/k/v, out-proj, fc1 [+gate], fc2,
-  then every other Linear such as pooler and classifier head);
+  then every other Linear such as pooler and classifier head), with the two factors of a layer that
+  ``s2d.lowrank`` factorised placed in its block;
 - RepQ-style range search: clipping candidates from quantiles, the one with the lowest MSE per row.
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -23,7 +24,8 @@ from s2d.quant.primitives import best_clipping
 from s2d.utils import real_tokens
 
 __all__ = [
-    "StopForward", "model_inputs", "take_samples", "sub_batches", "subsample", "require_blocks", "LinearGroup",
+    "StopForward", "model_inputs", "take_samples", "sub_batches", "subsample", "require_blocks", "factorised_layers",
+    "producer", "LinearGroup",
     "linear_groups", "token_rows", "TokenCapture", "forward_batches", "capture_inputs", "capture_patch_inputs",
     "quant_patch_convs", "quantile_mse_range",
 ]
@@ -90,14 +92,45 @@ def subsample(x: Tensor, max_rows: int | None, generator: torch.Generator) -> Te
 # ----------------------------------------------------------------------------- model structure
 
 def require_blocks(model: nn.Module) -> list[BlockInfo]:
-    """``s2d.models.blocks(model)``; ValueError when no transformer block layout is recognised."""
+    """``s2d.models.blocks(model)`` with factorised layers resolved (:func:`factorised_layers`: a slot
+    names the factor that reads its input); ValueError when no transformer block layout is recognised."""
     infos = blocks(model)
     if not infos:
         raise ValueError(
             f"{type(model).__name__}: no transformer blocks recognised (supported: BERT/MPNet encoders and "
             "ViT-style models: DINOv2, ViT, SigLIP, CLIP vision, timm ViT)"
         )
-    return infos
+    factors = factorised_layers(model)
+    if not factors:
+        return infos
+    for b in infos:
+        if len(b.qkv) == 1 and b.qkv[0] in factors:
+            raise ValueError(f"{b.qkv[0]}: a factorised fused qkv Linear is not supported by the PTQ methods "
+                             "(the attention matmuls need q, k and v from one Linear); leave it dense")
+    return [replace(b, qkv=[_first(factors, n) for n in b.qkv], attn_out=_first(factors, b.attn_out),
+                    fc1=[_first(factors, n) for n in b.fc1], fc2=_first(factors, b.fc2)) for b in infos]
+
+
+def factorised_layers(model: nn.Module) -> dict[str, tuple[str, str]]:
+    """Layers that :func:`s2d.lowrank.factorise_model` replaced by ``nn.Sequential(first, second)`` of
+    two Linears: name -> (first's name, second's name). In a block, ``first`` takes the layer's slot (it
+    reads the slot's input: the reparameterised LayerNorm output, the GELU output); ``second``, which
+    reads the rank-r intermediate, is one more Linear of the block (role "inner")."""
+    return {name: (f"{name}.0", f"{name}.1") for name, m in model.named_modules()
+            if isinstance(m, nn.Sequential) and len(m) == 2 and all(isinstance(c, nn.Linear) for c in m)}
+
+
+def producer(model: nn.Module, name: str) -> nn.Linear:
+    """The Linear that computes slot ``name``'s output: the second factor of a factorised layer, else itself."""
+    mods = dict(model.named_modules())
+    for layer, (first, second) in factorised_layers(model).items():
+        if name in (layer, first):
+            return mods[second]
+    return mods[name]
+
+
+def _first(factors: dict[str, tuple[str, str]], name: str) -> str:
+    return factors[name][0] if name in factors else name
 
 
 @dataclass
@@ -105,7 +138,7 @@ class LinearGroup:
     """Linears (module names) that read the same tensor, and the block they belong to (None: outside)."""
 
     names: list[str]   # module names, in the block layout's order
-    role: str          # "qkv" | "attn_out" | "fc1" | "fc2" | "other"
+    role: str          # "qkv" | "attn_out" | "fc1" | "fc2" | "inner" (a factorised layer's second factor) | "other"
     block: int | None  # index into the model's blocks, None for Linears outside every block
 
 
@@ -115,11 +148,15 @@ def linear_groups(model: nn.Module, infos: list[BlockInfo] | None = None) -> lis
     ``infos``: the model's blocks (default: :func:`require_blocks`, which raises when there are none).
     """
     infos = require_blocks(model) if infos is None else infos
+    inner = {second for _, second in factorised_layers(model).values()}
     groups, seen = [], set()
     for i, b in enumerate(infos):
         for names, role in ((b.qkv, "qkv"), ([b.attn_out], "attn_out"), (b.fc1, "fc1"), ([b.fc2], "fc2")):
             groups.append(LinearGroup(list(names), role, i))
             seen.update(names)
+        for name in sorted(n for n in inner if n.startswith(b.name + ".")):
+            groups.append(LinearGroup([name], "inner", i))
+            seen.add(name)
     for name, m in model.named_modules():
         if isinstance(m, nn.Linear) and name not in seen:
             groups.append(LinearGroup([name], "other", None))

@@ -52,7 +52,7 @@ from s2d.quant.linear import QuantLinear
 from s2d.quant.nonuniform import TwinUniformQuantizer
 from s2d.quant.prepare import set_quantization
 from s2d.quant.ptq.common import (
-    LinearGroup, TokenCapture, forward_batches, linear_groups, quant_patch_convs, require_blocks, sub_batches,
+    LinearGroup, TokenCapture, forward_batches, linear_groups, producer, quant_patch_convs, require_blocks, sub_batches,
     subsample, take_samples, token_rows,
 )
 from s2d.quant.ptq.ptq4vit_search import search_attn_quantizer, search_layer, search_matmul, set_sym
@@ -312,7 +312,7 @@ def check_supported(model: nn.Module, infos: list[BlockInfo], cfg: PTQ4ViTConfig
         return
     mods = dict(model.named_modules())
     for b in infos:
-        fc1_out = sum(mods[n].out_features for n in b.fc1)
+        fc1_out = sum(producer(model, n).out_features for n in b.fc1)
         if len(b.fc1) > 1 or fc1_out != mods[b.fc2].in_features:
             raise ValueError(
                 f"ptq4vit: block {b.name} has a gated MLP ({', '.join(b.fc1)} -> {b.fc2}); the twin-uniform "
