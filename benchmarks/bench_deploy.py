@@ -4,7 +4,7 @@ fp32, W8A8 QDQ (integer kernels) and weight-only int4, side by side in one run.
 For each model (default: minilm-l6; add smollm2-135m with ``--models minilm-l6,smollm2-135m``) the
 float model gets a head for ``--data`` (random: speed does not depend on it), is quantized at W8A8
 with ``--method`` on real calibration batches, and is exported five ways with :func:`s2d.deploy.export_onnx` (fp32; W8A8 and int4, each with float
-and with int8 embedding tables).
+and with int8 embedding tables), plus the W8A8 file with int8 weight codes (``signed_weights``).
 Every backend then runs in a fresh subprocess of this script (so that peak memory is its own):
 
 - throughput: sequences / s on a (``--batch``, ``--seq``) batch of random token ids, from the median of
@@ -39,8 +39,10 @@ import numpy as np
 from s2d.deploy.runtime import median_ms
 
 BACKENDS = ("torch-fp32", "torch-fakequant-w8a8", "torchao-int8-dynamic", "ort-fp32", "ort-qdq-w8a8",
-            "ort-qdq-w8a8-int8emb", "ort-int4", "ort-int4-int8emb")
+            "ort-qdq-w8a8-s8w", "ort-qdq-w8a8-int8emb", "ort-int4", "ort-int4-int8emb")
 # *-int8emb: the same export with embeddings="int8" (per-row int8 embedding tables, s2d.deploy.embeddings)
+# ort-qdq-w8a8-s8w: the W8A8 file with its uint8 weight codes rewritten as int8 (u8 x s8 kernels): the
+# faster form that is exact only on CPUs with VNNI (s2d.deploy.lowering), timed for the cost of u8 x u8
 # torchao-int8-dynamic: the float model through torchao's Int8DynamicActivationInt8WeightConfig (its own
 # per-token dynamic activation scales, not s2d's calibrated ones), eager; skipped when torchao is missing
 
@@ -148,11 +150,35 @@ def prepare(name: str, args: argparse.Namespace, tmp: Path) -> tuple[dict[str, P
     exports["ort-qdq-w8a8"] = export_onnx(model, tmp / "qdq.onnx", example, "qdq")
     exports["ort-qdq-w8a8-int8emb"] = export_onnx(model, tmp / "qdqe.onnx", example, "qdq", embeddings="int8")
     paths.update({k: Path(r.path) for k, r in exports.items()})
+    paths["ort-qdq-w8a8-s8w"] = tmp / "qdq-s8w.onnx"
+    signed_weights(paths["ort-qdq-w8a8"], paths["ort-qdq-w8a8-s8w"])
     linear_bytes = sum(4 * m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     summary = {k: {"integer_ops": r.integer_ops, "float_matmuls": r.float_matmuls} for k, r in exports.items()}
     summary["params"] = sum(p.numel() for p in bundle.model.parameters())
     summary["fp32_linear_weight_mib"] = linear_bytes / 2**20
     return paths, tmp / "inputs.npz", summary
+
+
+def signed_weights(src: Path, dst: Path) -> None:
+    """Rewrite each uint8 weight table of ``src`` (zero point 128) as int8 codes with zero point 0, into
+    ``dst`` with a copy of the sidecar (which the runner reads)."""
+    import onnx
+    from onnx import numpy_helper
+
+    from s2d.deploy.onnx_export import sidecar_path
+
+    model = onnx.load(str(src))
+    inits = {i.name: i for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type != "DequantizeLinear" or node.input[0] not in inits or len(inits[node.input[0]].dims) != 2:
+            continue
+        codes, zero = (numpy_helper.to_array(inits[n]) for n in node.input[:3:2])
+        if codes.dtype != np.uint8:
+            continue
+        for name, arr in ((node.input[0], codes), (node.input[2], zero)):
+            inits[name].CopyFrom(numpy_helper.from_array((arr.astype(np.int16) - 128).astype(np.int8), name))
+    onnx.save(model, str(dst))
+    sidecar_path(dst).write_bytes(sidecar_path(src).read_bytes())
 
 
 def run_backend(backend: str, path: Path, inputs: Path, args: argparse.Namespace) -> dict:

@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 import pytest
 import torch
 import transformers as tf
@@ -85,13 +86,38 @@ def test_qdq_export_computes_what_s2d_computed_on_integer_kernels(method, tmp_pa
         assert fc2 and not any(s["integer"] for s in fc2)
 
 
-def test_qdq_file_stores_int8_weights(tmp_path):
+def test_symmetric_activations_run_on_integer_kernels_as_shifted_uint8(tmp_path):
+    """Signed activation codes c are written as uint8 c + 128 with zero point 128: same logits as s2d on
+    a calibration batch (outside the calibrated range s2d's narrow codes clip at -127, ONNX's at -128:
+    docs/deployment.md, item 3)."""
+    q = quantize_model(copy.deepcopy(_bert()), QuantConfig(w_bits=8, a_bits=8, a_symmetric=True), method="rtn",
+                       calib=[_text(seed=i) for i in range(2)], progress=False)
+    res = export_onnx(q, tmp_path / "m.onnx", _text(), "qdq")
+    zeros = {i.name: numpy_helper.to_array(i) for i in onnx.load(res.path).graph.initializer
+             if i.data_type == onnx.TensorProto.UINT8 and not i.dims and "input_quantizer" in i.name}
+    assert zeros and all(int(z) == 128 for z in zeros.values())  # the Linear inputs: signed 0 is code 128
+    batch = _text(seed=1)
+    with torch.no_grad():
+        want = q(**batch).logits
+    torch.testing.assert_close(OnnxClassifier(res.path)(**batch).logits, want, rtol=0,
+                               atol=1e-5 * float(want.abs().max()))
+    assert res.integer_ops.get("MatMulIntegerToFloat", 0) >= 12
+
+
+def test_qdq_file_stores_8bit_weights(tmp_path):
+    """The 14 Linear weights are uint8 codes (zero point 128: see s2d.deploy.lowering) whose dequantized
+    values are s2d's weight grid; the embedding tables are int8; the file holds no other 2-D table."""
     q = _quantized(_bert(), [_text()], "rtn")
+    grids = {n: m.quantized_weight().detach() for n, m in q.named_modules() if hasattr(m, "quantized_weight")}
     res = export_onnx(q, tmp_path / "m.onnx", _text(), "qdq", embeddings="int8")
     graph = onnx.load(res.path).graph
-    int8 = [i for i in graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 2]
+    tables = {i.name: numpy_helper.to_array(i) for i in graph.initializer if len(i.dims) == 2}
+    u8 = {n: t for n, t in tables.items() if t.dtype == np.uint8}
     assert res.embeddings == "int8" and any("word_embeddings" in t for t in res.int8_tables)
-    assert len(int8) == 14 + len(res.int8_tables)       # the 14 Linears' weights and the embedding tables
+    assert len(u8) == 14 and sum(t.dtype == np.int8 for t in tables.values()) == len(res.int8_tables)
+    dequantized = _dequantized_weights(graph, u8)
+    for name, grid in grids.items():                    # every grid is some DequantizeLinear's output
+        assert any(w.shape == grid.shape and np.array_equal(w, grid.numpy()) for w in dequantized), name
     floats = [i for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT]
     assert max(_numel(i) for i in floats) < 100 * 64     # no float table left as big as the vocabulary's
     assert all(n.op_type in {"QuantizeLinear", "DequantizeLinear"} or not n.domain for n in graph.node)  # standard ops
@@ -133,6 +159,21 @@ def test_causal_lm_export_at_a_fixed_shape_serves_any_smaller_batch(fmt, tmp_pat
         torch.testing.assert_close(onnx_model(**batch).logits, want, rtol=0, atol=1e-5 * float(want.abs().max()))
     with pytest.raises(ValueError, match="exported for at most 12"):
         onnx_model(**{k: v for k, v in _text(2, 13).items() if k != "token_type_ids"})
+
+
+def _dequantized_weights(graph, codes):
+    """(code - zero point) · scale, (out, in), for each DequantizeLinear of a 2-D code table, in numpy."""
+    consts = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    out = []
+    for node in graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] in codes:
+            q, scale, zero = (consts[n] for n in node.input[:3])
+            assert zero.dtype == np.uint8 and (zero == 128).all()
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+            shape = [-1, 1] if axis == 0 else [1, -1]
+            w = (q.astype(np.float32) - zero.reshape(shape)) * scale.reshape(shape)
+            out.append(w if axis == 0 else w.T)            # folded transposes store (in, out)
+    return out
 
 
 def _numel(init):

@@ -6,9 +6,13 @@
 point. ONNX Runtime then fuses QDQ around a MatMul into an integer kernel (MatMulIntegerToFloat on CPU).
 
 - A :class:`~s2d.quant.linear.QuantLinear` becomes a :class:`QDQLinear`: its weight is stored on s2d's
-  grid and re-expressed as int8 codes per output row (exactly: the grid value k·s is k in int8 with a
-  per-row shift that keeps the 256 codes inside [-128, 127]); ERQ's two-part weight becomes two
-  matmuls on the two column sets, each with its own per-row grid.
+  grid and re-expressed as 8-bit codes per output row (exactly: the grid value k·s is the uint8 code
+  k + 128 with zero point 128, after a per-row shift that keeps the 256 codes inside [-128, 127]);
+  ERQ's two-part weight becomes two matmuls on the two column sets, each with its own per-row grid.
+- Every code is uint8, weights and activations alike, because ONNX Runtime's u8 × s8 kernels on x86
+  CPUs with AVX2 but no VNNI add pairs of products in saturating int16 (``vpmaddubsw``: 2·255·127 >
+  32767) and so do not compute what s2d computed; its u8 × u8 kernels accumulate exactly in int32 on
+  every CPU. The dequantized values, and so the products, are the same as with int8 codes.
 - A static 8-bit uniform activation quantizer whose zero point fits the 8-bit codes becomes an
   :class:`ActivationQDQ`.
 - Everything else (log-√2, twin-uniform, dynamic per-token quantizers, zero points outside the codes,
@@ -33,7 +37,8 @@ __all__ = ["QDQ_BITS", "Site", "ActivationQDQ", "WeightQDQ", "QDQLinear", "lower
            "weight_parts"]
 
 QDQ_BITS = 8                 # the only code width ONNX's QuantizeLinear / DequantizeLinear carry
-_U8, _S8 = (0, 255), (-128, 127)  # the (qmin, qmax) pairs torch's ONNX exporter accepts
+_U8 = (0, 255)  # (qmin, qmax) of the uint8 codes every QDQ site is written with (see the module doc)
+_U8_ZERO = 128  # the uint8 code of a signed code 0: a signed code c is stored as c + 128
 
 
 @dataclass
@@ -68,14 +73,14 @@ class ActivationQDQ(nn.Module):
 
 
 class WeightQDQ(nn.Module):
-    """A weight on an 8-bit grid per output row, exported as int8 codes with a per-row scale.
+    """A weight on an 8-bit grid per output row, exported as 8-bit codes with a per-row scale.
 
     ``grid`` (out, in) float32 holds values k·s_r with integer k (s2d's quantized weight). A row whose
     codes span [-128, 127] or less but lie elsewhere (ERQ's ranges need not contain 0) is stored shifted,
     (k − m_r)·s_r, with ``offset`` m_r·s_r (out,) added back by the consumer as Σ_c x_c · offset_r: the
-    same product, and the codes stay int8 with zero point 0, the form ONNX Runtime's int8 matmuls take.
+    same product, and the codes stay in [-128, 127], written as uint8 k + 128 with zero point 128.
     Forward returns the shifted grid through ``fake_quantize_per_channel_affine`` (exact on grid values),
-    which exports as QuantizeLinear on a constant (ONNX Runtime folds it into an int8 initializer) ->
+    which exports as QuantizeLinear on a constant (ONNX Runtime folds it into a uint8 initializer) ->
     DequantizeLinear (axis 0).
     """
 
@@ -89,11 +94,11 @@ class WeightQDQ(nn.Module):
         shift = torch.where((lo < -128) | (hi > 127), lo + 128, torch.zeros_like(lo))
         self.register_buffer("grid", ((k - shift[:, None]) * scale[:, None]).contiguous())
         self.register_buffer("scale", scale.clone())
-        self.register_buffer("zero_point", torch.zeros_like(scale, dtype=torch.int32))
+        self.register_buffer("zero_point", torch.full_like(scale, _U8_ZERO, dtype=torch.int32))
         self.register_buffer("offset", (shift * scale) if bool(shift.any()) else None)
 
     def forward(self) -> Tensor:
-        return torch.fake_quantize_per_channel_affine(self.grid, self.scale, self.zero_point, 0, *_S8)
+        return torch.fake_quantize_per_channel_affine(self.grid, self.scale, self.zero_point, 0, *_U8)
 
 
 class QDQLinear(nn.Module):
@@ -161,8 +166,8 @@ def activation_qdq(q: nn.Module) -> tuple[nn.Module | None, str]:
         return None, f"{q.bits}-bit: no CPU integer kernel below 8 bits (fake only)"
     if q.dynamic or q.learnable or q.granularity == "token" or not q.calibrated:
         return None, "dynamic or learnable range: float fake quantization"
-    qmin, qmax = _S8 if q.symmetric else _U8
-    z = q.zero_point.detach().reshape(-1)
+    qmin, qmax = _U8
+    z = q.zero_point.detach().reshape(-1) + (_U8_ZERO if q.symmetric else 0)  # signed codes c -> c + 128
     if bool(((z < qmin) | (z > qmax)).any()):
         return None, "zero point outside the 8-bit codes (range excludes 0): float fake quantization"
     axis = None if q.granularity == "tensor" else q.axis
@@ -177,13 +182,13 @@ def weight_parts(lin: QuantLinear) -> tuple[list[tuple[Tensor | None, nn.Module]
         if isinstance(wq, UniformQuantizer) and wq.enabled and wq.bits == QDQ_BITS and not wq.dynamic:
             scale = wq.scale.detach().float().reshape(-1)
             scale = scale.expand(grid.shape[0]) if scale.numel() == 1 else scale
-            return [(None, WeightQDQ(grid, scale))], True, "int8 weight per row"
+            return [(None, WeightQDQ(grid, scale))], True, "8-bit weight per row"
         if isinstance(wq, TwoPartQuantizer) and wq.enabled and wq.bits == QDQ_BITS:
             mask = wq.column_mask(grid.shape[1])
             parts = [(cols, WeightQDQ(grid[:, cols], wq.scale[:, j]))
                      for cols, j in ((torch.nonzero(~mask).reshape(-1), 0), (torch.nonzero(mask).reshape(-1), 1))
                      if cols.numel()]
-            return parts, True, f"two-part int8 weight ({int(mask.sum())} outlier columns: two matmuls)"
+            return parts, True, f"two-part 8-bit weight ({int(mask.sum())} outlier columns: two matmuls)"
     except ValueError as err:
         return [(None, _FloatWeight(grid))], False, f"float weight on s2d's grid: {err}"
     why = "float weight (quantizer disabled)" if not getattr(wq, "enabled", True) else \

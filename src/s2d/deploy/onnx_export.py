@@ -5,7 +5,7 @@
   :func:`s2d.deploy.lowering.lower_for_export` and written by torch's TorchScript ONNX exporter (the one
   that writes ``fake_quantize_*`` as QuantizeLinear / DequantizeLinear), then passed through ONNX
   Runtime's *basic* (portable, standard-ops-only) optimizer, which folds each weight's QuantizeLinear
-  into an int8 initializer: the file stores int8 weights and a DequantizeLinear per weight, the QDQ
+  into a uint8 initializer: the file stores 8-bit weights and a DequantizeLinear per weight, the QDQ
   format ONNX Runtime fuses into integer kernels when it loads the model.
 - ``"int4"``: the float export, then ONNX Runtime's ``MatMulNBitsQuantizer`` (block-wise 4-bit weights,
   ``MatMulNBits``; activations stay float: W4A16).
@@ -181,7 +181,7 @@ def _exp2_symbolic(g, x):  # noqa: ANN001, ANN202 (TorchScript graph objects)
 
 def session_options(level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
                     save_to: Path | None = None, threads: int | None = None) -> ort.SessionOptions:
-    """ONNX Runtime options s2d runs every export with. An int8 weight whose input stays float (a site with
+    """ONNX Runtime options s2d runs every export with. An 8-bit weight whose input stays float (a site with
     no integer QDQ form) is fused into MatMulNBits; accuracy level 1 keeps that matmul in float32, as s2d
     computed it (ONNX Runtime's default, 4, would quantize the activation to int8 on the fly)."""
     so = ort.SessionOptions()
@@ -196,7 +196,7 @@ def session_options(level: ort.GraphOptimizationLevel = ort.GraphOptimizationLev
 
 
 def _basic_optimize(src: Path, dst: Path) -> None:
-    """ONNX Runtime's basic level: constant folding (Q of a constant weight -> int8 initializer) and
+    """ONNX Runtime's basic level: constant folding (Q of a constant weight -> uint8 initializer) and
     redundant-node removal, standard ONNX ops only, so ``dst`` runs on any ONNX runtime."""
     ort.InferenceSession(str(src), session_options(ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, dst),
                          providers=["CPUExecutionProvider"])
