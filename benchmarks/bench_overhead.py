@@ -12,7 +12,13 @@ pairs) rotate between the arms, and every step is timed.  Two ratios per regular
 
 CD acts on every block's (v rows of qkv -> proj) and (fc1 -> fc2) pairs at every step.
 
-    python benchmarks/bench_overhead.py [--chunks 10] [--interval 100] [--update coupled] [--selection pcdr]
+``--model minilm`` trains a randomly initialised MiniLM-L6-shaped BERT classifier (hidden 384, 6
+layers, 12 heads, FFN 1536, vocabulary 30,522; 38 Linears) instead, with CD on the pairs that
+``s2d.models.colinearity_pairs`` finds in its block layout (value -> attention output, intermediate ->
+output: 12 pairs).
+
+    python benchmarks/bench_overhead.py [--model small|minilm] [--chunks 10] [--interval 100]
+        [--update coupled] [--selection pcdr]
 """
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ import torch
 from torch import nn
 
 from s2d import CDConfig, ColinearityDecay, Pair, S2DConfig, SelectiveSpectralDecay
+from s2d.models import colinearity_pairs
 
 
 class SmallTransformer(nn.Module):
@@ -58,6 +65,22 @@ class _Block(nn.Module):
         a = nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, d)
         x = x + self.proj(a)
         return x + self.fc2(nn.functional.gelu(self.fc1(self.norm2(x))))
+
+
+class MiniLMShaped(nn.Module):
+    """A MiniLM-L6-shaped BERT sequence classifier (random init) that maps token ids to logits."""
+
+    vocab = 30522
+
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        import transformers as tf
+        self.bert = tf.BertForSequenceClassification(tf.BertConfig(
+            vocab_size=self.vocab, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+            intermediate_size=1536, num_labels=classes))
+
+    def forward(self, ids):
+        return self.bert(input_ids=ids).logits
 
 
 def chunk(model, opt, data, start: int, steps: int, device: str) -> list[float]:
@@ -95,6 +118,8 @@ def step_ratio(steps: list[list[float]], base_step: float, interval: int, due: i
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="small", choices=["small", "minilm"],
+                    help="small: the 4-layer d=128 transformer; minilm: a MiniLM-L6-shaped BERT")
     ap.add_argument("--chunks", type=int, default=10, help="timed chunks per arm (each = interval steps)")
     ap.add_argument("--interval", type=int, default=100, help="refresh interval of S2D and of CD")
     ap.add_argument("--update", default="coupled", choices=["coupled", "decoupled", "relative"])
@@ -108,16 +133,19 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    models = {tag: SmallTransformer().to(args.device) for tag in ("adamw", "s2d", "cd")}
+    build = MiniLMShaped if args.model == "minilm" else SmallTransformer
+    models = {tag: build().to(args.device) for tag in ("adamw", "s2d", "cd")}
     for m in list(models.values())[1:]:
         m.load_state_dict(models["adamw"].state_dict())
     opts = {tag: torch.optim.AdamW(m.parameters(), lr=1e-4) for tag, m in models.items()}
     g = torch.Generator().manual_seed(1)
-    data = (torch.randint(0, 1000, (32, args.batch, args.seq), generator=g).to(args.device),
+    vocab = MiniLMShaped.vocab if args.model == "minilm" else 1000
+    data = (torch.randint(0, vocab, (32, args.batch, args.seq), generator=g).to(args.device),
             torch.randint(0, 10, (32, args.batch), generator=g).to(args.device))
     s2d = SelectiveSpectralDecay(models["s2d"], opts["s2d"], S2DConfig(interval=args.interval, update=args.update,
                                                                        selection=args.selection))
-    cd = ColinearityDecay(models["cd"], opts["cd"], CDConfig(interval=args.interval), block_pairs(models["cd"]))
+    pairs = colinearity_pairs(models["cd"]) if args.model == "minilm" else block_pairs(models["cd"])
+    cd = ColinearityDecay(models["cd"], opts["cd"], CDConfig(interval=args.interval), pairs)
     for tag in models:                    # warm-up every arm (the first refresh included)
         chunk(models[tag], opts[tag], data, 0, 5, args.device)
     steps: dict[str, list[list[float]]] = {tag: [] for tag in models}   # per chunk, per step times
@@ -134,7 +162,8 @@ def main() -> None:
     cd_step, cd_refresh, cd_ratio = step_ratio(steps["cd"], base_step, args.interval, due)
     print(json.dumps({
         "benchmark": "s2d_cd_training_overhead", "device": args.device, "threads": torch.get_num_threads(),
-        "model": "4-layer d=128 pre-LN transformer, 17 Linear layers", "batch": args.batch, "seq": args.seq,
+        "model": ("MiniLM-L6-shaped BERT, 38 Linear layers" if args.model == "minilm"
+                  else "4-layer d=128 pre-LN transformer, 17 Linear layers"), "batch": args.batch, "seq": args.seq,
         "interval": args.interval, "update": args.update, "selection": args.selection, "chunks": args.chunks,
         "steps_per_chunk": args.interval,
         "adamw_chunk_s_median": med["adamw"], "s2d_chunk_s_median": med["s2d"], "cd_chunk_s_median": med["cd"],

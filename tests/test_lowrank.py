@@ -292,3 +292,42 @@ def test_output_max_abs_against_the_factors_run_by_hand():
     got_outer, got_inner = output_max_abs(small, names, batches)
     assert got_outer == pytest.approx(outer, rel=1e-5) and got_inner == pytest.approx(inner, rel=1e-5)
     assert output_max_abs(model, names, batches)[1] is None
+
+
+def test_compression_grid_reports_a_causal_lms_perplexity_against_its_nll_by_hand():
+    """A causal-LM classifier's rows carry exp(mean text NLL) and the paired NLL difference to the dense
+    model, both recomputed here from each model's own ``text_nll`` on the test batches."""
+    import copy
+    import math
+    from types import SimpleNamespace
+
+    import transformers as tf
+
+    from s2d.lowrank import factorise_model, lowrank_table, plan_ranks
+    from s2d.models import CausalLMClassifier
+    from s2d.pipeline.compression import compression_grid, format_compression_table
+    torch.manual_seed(0)
+    lm = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2)).eval()
+    model = CausalLMClassifier(lm, [5, 6]).eval()
+
+    def batch(seed):
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.randint(7, 64, (6, 10), generator=g)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "text_mask": torch.ones_like(ids),
+                "labels": torch.randint(0, 2, (6,), generator=g)}
+    calib, test = [batch(i) for i in range(3)], [batch(10 + i) for i in range(2)]
+    rows = lowrank_table(model, calib, threshold=0.2)
+    grid = compression_grid(model, SimpleNamespace(test=test), calib, rows, [0.6], repeats=1)
+
+    def nll(m):
+        with torch.no_grad():
+            return torch.cat([m(**{k: v for k, v in b.items() if k != "labels"}).text_nll for b in test]).double()
+    small = factorise_model(copy.deepcopy(model), calib, plan_ranks(rows, "feature", ratio=0.6)).eval()
+    dense_nll, small_nll = nll(model), nll(small)
+    assert grid[0]["perplexity"] == pytest.approx(math.exp(float(dense_nll.mean())), rel=1e-6)
+    assert grid[1]["perplexity"] == pytest.approx(math.exp(float(small_nll.mean())), rel=1e-6)
+    assert grid[1]["nll_vs_dense"].delta == pytest.approx(float((small_nll - dense_nll).mean()), abs=1e-9)
+    assert grid[1]["layers"] > 0 and grid[1]["perplexity"] != grid[0]["perplexity"]  # it changed the model
+    table = format_compression_table(grid)
+    assert "| perplexity | vs dense (%) |" in table and f"{grid[1]['perplexity']:.2f}" in table

@@ -5,6 +5,7 @@ PTQ accuracy paired against the dense model's at the same cell)."""
 from __future__ import annotations
 
 import copy
+import math
 import time
 from itertools import islice
 from statistics import median
@@ -16,10 +17,11 @@ from torch import nn
 from s2d.data import Loaders
 from s2d.lowrank import LayerRank, factorise_model, plan_ranks
 from s2d.lowrank.factorise import linear_params
+from s2d.pipeline.evidence import ratio_pct
 from s2d.pipeline.experiment import ptq_cell
 from s2d.probes import capture_activations
 from s2d.quant import Bits, QuantConfig
-from s2d.stats import cell_estimate, format_comparison, format_estimate, paired_comparison
+from s2d.stats import Comparison, cell_estimate, format_comparison, format_estimate, paired_comparison
 from s2d.train import evaluate_outcomes
 from s2d.utils import model_device, to_device
 
@@ -87,6 +89,9 @@ def compression_grid(model: nn.Module, loaders: Loaders, calib: list[dict], rows
         row.update(model_params=sum(p.numel() for p in m.parameters()), ms_per_batch=ms,
                    accuracy=cell_estimate(_hits(o)), vs_dense=paired_comparison(_hits(o), _hits(dense)),
                    agreement=float((o.pred == dense.pred).float().mean()) if o.pred is not None else None)
+        if o.nll is not None:                  # a causal LM: held-out perplexity, its NLL paired to the dense one
+            row.update(perplexity=math.exp(float(o.nll.double().mean())),
+                       nll_vs_dense=paired_comparison(o.nll.double().numpy(), dense.nll.double().numpy()))
     if cells:
         _quantized(out, models, loaders, calib, rows, cells, probe, progress)
     return out
@@ -115,18 +120,28 @@ def _quantized(out: list[dict], models: list[nn.Module], loaders: Loaders, calib
 
 
 def format_compression_table(rows: list[dict]) -> str:
-    """Markdown: one line per budget: what was factorised, what it keeps, and its speed."""
-    base = rows[0]
+    """Markdown: one line per budget: what was factorised, what it keeps, and its speed; for a causal LM
+    also its perplexity and the perplexity ratio to the dense model (exp of the paired NLL difference)."""
+    base, lm = rows[0], "perplexity" in rows[0]
     lines = ["| budget | layers factorised | common threshold | Linear params | model params | accuracy % | "
-             "vs dense (pp) | same prediction | ms / batch | speed-up |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "vs dense (pp) | same prediction | " + ("perplexity | vs dense (%) | " if lm else "")
+             + "ms / batch | speed-up |", "|---|---|---|---|---|---|---|---|" + "---|---|" * lm + "---|---|"]
     for r in rows:
-        budget = "dense" if r["space"] == "dense" else f"{r['ratio']:.0%} ({r['space']})"
-        vs = "-" if r["space"] == "dense" else format_comparison(r["vs_dense"])
-        same = "-" if r["agreement"] is None or r["space"] == "dense" else f"{100 * r['agreement']:.1f} %"
+        dense = r["space"] == "dense"
+        budget = "dense" if dense else f"{r['ratio']:.0%} ({r['space']})"
+        vs = "-" if dense else format_comparison(r["vs_dense"])
+        same = "-" if r["agreement"] is None or dense else f"{100 * r['agreement']:.1f} %"
+        ppl = f"{r['perplexity']:.2f} | {'-' if dense else _ratio(r['nll_vs_dense'])} | " if lm else ""
         lines.append(f"| {budget} | {r['layers']} | {r['threshold']:.3f} | {r['linear_params']:,} | "
-                     f"{r['model_params']:,} | {format_estimate(r['accuracy'])} | {vs} | {same} | "
+                     f"{r['model_params']:,} | {format_estimate(r['accuracy'])} | {vs} | {same} | {ppl}"
                      f"{r['ms_per_batch']:.1f} | {base['ms_per_batch'] / r['ms_per_batch']:.2f}x |")
     return "\n".join(lines)
+
+
+def _ratio(c: Comparison) -> str:
+    """A paired NLL difference as the perplexity ratio − 1 in %, ``"+d [+lo, +hi]"``, ``*`` when significant."""
+    d, lo, hi = ratio_pct(c)
+    return f"{d:+.2f} [{lo:+.2f}, {hi:+.2f}]" + ("*" if c.significant else "")
 
 
 def format_quantized_table(rows: list[dict]) -> str:

@@ -25,7 +25,7 @@ from s2d.utils import real_tokens
 
 __all__ = [
     "StopForward", "model_inputs", "take_samples", "sub_batches", "subsample", "require_blocks", "factorised_layers",
-    "producer", "LinearGroup",
+    "output_linears", "LinearGroup",
     "linear_groups", "token_rows", "TokenCapture", "forward_batches", "capture_inputs", "capture_patch_inputs",
     "quant_patch_convs", "quantile_mse_range",
 ]
@@ -120,13 +120,14 @@ def factorised_layers(model: nn.Module) -> dict[str, tuple[str, str]]:
             if isinstance(m, nn.Sequential) and len(m) == 2 and all(isinstance(c, nn.Linear) for c in m)}
 
 
-def producer(model: nn.Module, name: str) -> nn.Linear:
-    """The Linear that computes slot ``name``'s output: the second factor of a factorised layer, else itself."""
+def output_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """Slot name -> the Linear that computes its output: itself, or for a factorised layer (its own name
+    and its first factor's) the second factor. One walk of the modules."""
     mods = dict(model.named_modules())
+    out = {n: m for n, m in mods.items() if isinstance(m, nn.Linear)}
     for layer, (first, second) in factorised_layers(model).items():
-        if name in (layer, first):
-            return mods[second]
-    return mods[name]
+        out[layer] = out[first] = mods[second]
+    return out
 
 
 def _first(factors: dict[str, tuple[str, str]], name: str) -> str:

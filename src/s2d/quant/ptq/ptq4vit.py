@@ -52,8 +52,8 @@ from s2d.quant.linear import QuantLinear
 from s2d.quant.nonuniform import TwinUniformQuantizer
 from s2d.quant.prepare import set_quantization
 from s2d.quant.ptq.common import (
-    LinearGroup, TokenCapture, forward_batches, linear_groups, producer, quant_patch_convs, require_blocks, sub_batches,
-    subsample, take_samples, token_rows,
+    LinearGroup, TokenCapture, forward_batches, linear_groups, output_linears, quant_patch_convs, require_blocks,
+    sub_batches, subsample, take_samples, token_rows,
 )
 from s2d.quant.ptq.ptq4vit_search import search_attn_quantizer, search_layer, search_matmul, set_sym
 from s2d.quant.quantizers import Quantizer, UniformQuantizer
@@ -310,10 +310,10 @@ def check_supported(model: nn.Module, infos: list[BlockInfo], cfg: PTQ4ViTConfig
     needs the fc2 input to be a GELU output, which a gated MLP (SwiGLU / gate+up) does not produce."""
     if not cfg.twin_gelu:
         return
-    mods = dict(model.named_modules())
+    mods, linears = dict(model.named_modules()), output_linears(model)
     for b in infos:
-        fc1_out = sum(producer(model, n).out_features for n in b.fc1)
-        if len(b.fc1) > 1 or fc1_out != mods[b.fc2].in_features:
+        fc1_out = sum(linears[n].out_features for n in b.fc1)
+        if len(b.fc1) > 1 or fc1_out != mods[b.fc2].in_features:    # fc2's slot: the factor reading its input
             raise ValueError(
                 f"ptq4vit: block {b.name} has a gated MLP ({', '.join(b.fc1)} -> {b.fc2}); the twin-uniform "
                 "post-GELU quantizer needs a GELU MLP. Pass PTQ4ViTConfig(twin_gelu=False) to quantize the "
