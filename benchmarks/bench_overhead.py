@@ -37,9 +37,12 @@ from s2d.models import colinearity_pairs
 class SmallTransformer(nn.Module):
     """4-layer pre-LN encoder classifier, d=128, 4 heads, MLP 512 (17 Linear targets incl. head)."""
 
-    def __init__(self, vocab: int = 1000, d: int = 128, layers: int = 4, classes: int = 10):
+    vocab = 1000
+    description = "4-layer d=128 pre-LN transformer, 17 Linear layers"
+
+    def __init__(self, d: int = 128, layers: int = 4, classes: int = 10):
         super().__init__()
-        self.emb = nn.Embedding(vocab, d)
+        self.emb = nn.Embedding(self.vocab, d)
         self.blocks = nn.ModuleList(_Block(d) for _ in range(layers))
         self.norm = nn.LayerNorm(d)
         self.head = nn.Linear(d, classes)
@@ -49,6 +52,13 @@ class SmallTransformer(nn.Module):
         for b in self.blocks:
             h = b(h)
         return self.head(self.norm(h).mean(1))
+
+    def cd_pairs(self) -> list[Pair]:
+        """CD's pairs: (v rows of the fused qkv -> proj) and (fc1 -> fc2) per block."""
+        d = self.norm.normalized_shape[0]
+        return [p for i in range(len(self.blocks)) for p in (
+            Pair(f"blocks.{i}.qkv", f"blocks.{i}.proj", "attn", rows=(2 * d, 3 * d)),
+            Pair(f"blocks.{i}.fc1", f"blocks.{i}.fc2", "ffn"))]
 
 
 class _Block(nn.Module):
@@ -71,6 +81,7 @@ class MiniLMShaped(nn.Module):
     """A MiniLM-L6-shaped BERT sequence classifier (random init) that maps token ids to logits."""
 
     vocab = 30522
+    description = "MiniLM-L6-shaped BERT, 38 Linear layers"
 
     def __init__(self, classes: int = 10):
         super().__init__()
@@ -81,6 +92,13 @@ class MiniLMShaped(nn.Module):
 
     def forward(self, ids):
         return self.bert(input_ids=ids).logits
+
+    def cd_pairs(self) -> list[Pair]:
+        """CD's pairs, from the block layout (value -> attention output, intermediate -> output)."""
+        return colinearity_pairs(self)
+
+
+MODELS = {"small": SmallTransformer, "minilm": MiniLMShaped}  # --model -> the benchmark model's class
 
 
 def chunk(model, opt, data, start: int, steps: int, device: str) -> list[float]:
@@ -101,14 +119,6 @@ def chunk(model, opt, data, start: int, steps: int, device: str) -> list[float]:
     return times
 
 
-def block_pairs(model: SmallTransformer) -> list[Pair]:
-    """CD's pairs of the benchmark model: (v rows of the fused qkv -> proj) and (fc1 -> fc2) per block."""
-    d = model.norm.normalized_shape[0]
-    return [p for i in range(len(model.blocks)) for p in (
-        Pair(f"blocks.{i}.qkv", f"blocks.{i}.proj", "attn", rows=(2 * d, 3 * d)),
-        Pair(f"blocks.{i}.fc1", f"blocks.{i}.fc2", "ffn"))]
-
-
 def step_ratio(steps: list[list[float]], base_step: float, interval: int, due: int) -> tuple[float, float, float]:
     """(median non-refresh step, median refresh step, overhead ratio from step times) of one arm."""
     step = statistics.median(t for ts in steps for i, t in enumerate(ts) if i != due)
@@ -118,7 +128,7 @@ def step_ratio(steps: list[list[float]], base_step: float, interval: int, due: i
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="small", choices=["small", "minilm"],
+    ap.add_argument("--model", default="small", choices=list(MODELS),
                     help="small: the 4-layer d=128 transformer; minilm: a MiniLM-L6-shaped BERT")
     ap.add_argument("--chunks", type=int, default=10, help="timed chunks per arm (each = interval steps)")
     ap.add_argument("--interval", type=int, default=100, help="refresh interval of S2D and of CD")
@@ -133,19 +143,17 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    build = MiniLMShaped if args.model == "minilm" else SmallTransformer
+    build = MODELS[args.model]
     models = {tag: build().to(args.device) for tag in ("adamw", "s2d", "cd")}
     for m in list(models.values())[1:]:
         m.load_state_dict(models["adamw"].state_dict())
     opts = {tag: torch.optim.AdamW(m.parameters(), lr=1e-4) for tag, m in models.items()}
     g = torch.Generator().manual_seed(1)
-    vocab = MiniLMShaped.vocab if args.model == "minilm" else 1000
-    data = (torch.randint(0, vocab, (32, args.batch, args.seq), generator=g).to(args.device),
+    data = (torch.randint(0, build.vocab, (32, args.batch, args.seq), generator=g).to(args.device),
             torch.randint(0, 10, (32, args.batch), generator=g).to(args.device))
     s2d = SelectiveSpectralDecay(models["s2d"], opts["s2d"], S2DConfig(interval=args.interval, update=args.update,
                                                                        selection=args.selection))
-    pairs = colinearity_pairs(models["cd"]) if args.model == "minilm" else block_pairs(models["cd"])
-    cd = ColinearityDecay(models["cd"], opts["cd"], CDConfig(interval=args.interval), pairs)
+    cd = ColinearityDecay(models["cd"], opts["cd"], CDConfig(interval=args.interval), models["cd"].cd_pairs())
     for tag in models:                    # warm-up every arm (the first refresh included)
         chunk(models[tag], opts[tag], data, 0, 5, args.device)
     steps: dict[str, list[list[float]]] = {tag: [] for tag in models}   # per chunk, per step times
@@ -162,8 +170,7 @@ def main() -> None:
     cd_step, cd_refresh, cd_ratio = step_ratio(steps["cd"], base_step, args.interval, due)
     print(json.dumps({
         "benchmark": "s2d_cd_training_overhead", "device": args.device, "threads": torch.get_num_threads(),
-        "model": ("MiniLM-L6-shaped BERT, 38 Linear layers" if args.model == "minilm"
-                  else "4-layer d=128 pre-LN transformer, 17 Linear layers"), "batch": args.batch, "seq": args.seq,
+        "model": build.description, "batch": args.batch, "seq": args.seq,
         "interval": args.interval, "update": args.update, "selection": args.selection, "chunks": args.chunks,
         "steps_per_chunk": args.interval,
         "adamw_chunk_s_median": med["adamw"], "s2d_chunk_s_median": med["s2d"], "cd_chunk_s_median": med["cd"],

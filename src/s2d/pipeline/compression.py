@@ -17,11 +17,11 @@ from torch import nn
 from s2d.data import Loaders
 from s2d.lowrank import LayerRank, factorise_model, plan_ranks
 from s2d.lowrank.factorise import linear_params
-from s2d.pipeline.evidence import ratio_pct
+from s2d.pipeline.evidence import format_ratio
 from s2d.pipeline.experiment import ptq_cell
 from s2d.probes import capture_activations
 from s2d.quant import Bits, QuantConfig
-from s2d.stats import Comparison, cell_estimate, format_comparison, format_estimate, paired_comparison
+from s2d.stats import cell_estimate, format_comparison, format_estimate, paired_comparison
 from s2d.train import evaluate_outcomes
 from s2d.utils import model_device, to_device
 
@@ -131,17 +131,12 @@ def format_compression_table(rows: list[dict]) -> str:
         budget = "dense" if dense else f"{r['ratio']:.0%} ({r['space']})"
         vs = "-" if dense else format_comparison(r["vs_dense"])
         same = "-" if r["agreement"] is None or dense else f"{100 * r['agreement']:.1f} %"
-        ppl = f"{r['perplexity']:.2f} | {'-' if dense else _ratio(r['nll_vs_dense'])} | " if lm else ""
+        ppl = f"{r['perplexity']:.2f} | {'-' if dense else format_ratio(r['nll_vs_dense'])} | " if lm else ""
         lines.append(f"| {budget} | {r['layers']} | {r['threshold']:.3f} | {r['linear_params']:,} | "
                      f"{r['model_params']:,} | {format_estimate(r['accuracy'])} | {vs} | {same} | {ppl}"
                      f"{r['ms_per_batch']:.1f} | {base['ms_per_batch'] / r['ms_per_batch']:.2f}x |")
     return "\n".join(lines)
 
-
-def _ratio(c: Comparison) -> str:
-    """A paired NLL difference as the perplexity ratio − 1 in %, ``"+d [+lo, +hi]"``, ``*`` when significant."""
-    d, lo, hi = ratio_pct(c)
-    return f"{d:+.2f} [{lo:+.2f}, {hi:+.2f}]" + ("*" if c.significant else "")
 
 
 def format_quantized_table(rows: list[dict]) -> str:

@@ -18,7 +18,7 @@ from s2d.quant import Bits
 from s2d.stats import Comparison, Estimate, cell_estimate, paired_comparison
 
 __all__ = ["METRICS", "float_arms", "qat_kinds", "table_columns", "bits_key", "outcome_grid", "accuracy_rows",
-           "has_nll", "verdict", "perplexity_verdict", "ratio_pct", "estimate_pct", "selected_max_abs",
+           "has_nll", "verdict", "perplexity_verdict", "ratio_pct", "format_ratio", "estimate_pct", "selected_max_abs",
            "outlier_reduction", "deployed_rows"]
 
 Key = tuple[str, str]            # (bits, method): ("FP", "-"), ("W4A4", "repq"), ("W4A4", "QAT")
@@ -146,6 +146,12 @@ def perplexity_verdict(res: dict, arm: str, baseline: str = "adamw") -> list[str
 def ratio_pct(c: Comparison) -> tuple[float, float, float]:
     """An NLL difference as the perplexity ratio arm / baseline - 1, in % (delta, lo, hi)."""
     return tuple(100 * math.expm1(v) for v in (c.delta, c.lo, c.hi))
+
+
+def format_ratio(c: Comparison) -> str:
+    """A paired NLL difference as ``"+d % [+lo, +hi]"`` (:func:`ratio_pct`), ``*`` appended when significant."""
+    d, lo, hi = ratio_pct(c)
+    return f"{d:+.2f} % [{lo:+.2f}, {hi:+.2f}]" + ("*" if c.significant else "")
 
 
 def _ratio(c: Comparison) -> str:

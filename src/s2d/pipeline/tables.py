@@ -14,7 +14,8 @@ from __future__ import annotations
 import math
 
 from s2d.models import is_ffn_name
-from s2d.pipeline.evidence import accuracy_rows, deployed_rows, float_arms, has_nll, qat_kinds, ratio_pct, table_columns
+from s2d.pipeline.evidence import (accuracy_rows, deployed_rows, float_arms, format_ratio, has_nll, qat_kinds,
+                                   table_columns)
 from s2d.stats import format_comparison, format_estimate
 
 __all__ = ["format_accuracy_table", "format_deployed_table", "format_perplexity_table", "format_qat_table", "is_ffn", "layer_rows", "format_layer_table",
@@ -77,8 +78,7 @@ def format_perplexity_table(res: dict, baseline: str = "adamw") -> str:
                 continue
             text = f"{math.exp(est.mean):.2f} [{math.exp(est.lo):.2f}, {math.exp(est.hi):.2f}]"
             if a in row["deltas"]:
-                d, lo, hi = ratio_pct(row["deltas"][a])
-                text += f" ({d:+.2f} % [{lo:+.2f}, {hi:+.2f}]{'*' if row['deltas'][a].significant else ''})"
+                text += f" ({format_ratio(row['deltas'][a])})"
             cells.append(text)
         lines.append(f"| {row['bits']} | {row['method']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
