@@ -273,6 +273,25 @@ def test_lowrank_compress_local_model(tiny, tmp_path, capsys):
     assert "--compress must be comma-separated shares in (0, 1)" in capsys.readouterr().err
 
 
+def test_lowrank_compress_times_onnx_exports(tiny, tmp_path, capsys):
+    """--onnx: every budget's model is exported as fp32 ONNX and timed under ONNX Runtime; its logits match
+    torch's, its file holds its float parameters (4 bytes each), and it shrinks with the budget."""
+    model_dir, data = tiny
+    out = tmp_path / "lowrank"
+    args = ["lowrank", str(model_dir), "--data", str(data), "--out", str(out), "--calib-samples", "16",
+            "--batch-size", "8", "--max-length", "16", "--test-examples", "16", "--timing-repeats", "1",
+            "--no-progress"]
+    assert main(args + ["--compress", "0.6", "--onnx"]) == 0
+    grid = json.loads((out / "lowrank.json").read_text())["compression"]
+    for g in grid:
+        assert g["onnx_ms_per_batch"] > 0 and g["onnx_max_logit_diff"] < 1e-4
+        assert 4 * g["model_params"] <= g["onnx_bytes"] <= 4 * g["model_params"] + 200_000
+    assert grid[1]["onnx_bytes"] < grid[0]["onnx_bytes"]
+    assert "| ONNX MB | ONNX max abs(Δ logit) | ONNX ms / batch | ONNX speed-up |" in capsys.readouterr().out
+    assert main(args + ["--onnx"]) == 2
+    assert "--onnx needs --compress" in capsys.readouterr().err
+
+
 def test_lowrank_compress_then_quantize(tiny, tmp_path, capsys):
     """--quant: every budget's model gets the PTQ cells; the dense row's cell is the plain PTQ cell of the
     dense model (recomputed here), and each factorised cell is paired against it."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -227,7 +226,7 @@ def _scores(outcomes: Outcomes) -> dict[str, float]:
     """{"accuracy"} in [0, 1], and for causal LMs {"perplexity"}: exp of the mean per-example text NLL."""
     scores = {"accuracy": float(outcomes.correct.float().mean())}
     if outcomes.nll is not None:
-        scores["perplexity"] = math.exp(float(outcomes.nll.double().mean()))
+        scores["perplexity"] = outcomes.perplexity
     return scores
 
 

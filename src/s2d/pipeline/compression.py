@@ -1,11 +1,12 @@
 """`s2d lowrank --compress`: factorise a model at several parameter budgets and measure what each
-keeps (accuracy with a paired CI against the dense model, agreement, parameters, CPU latency) and,
-with ``--quant``, how it quantizes (max |a| of the layer outputs and of the rank-r intermediates, and
-PTQ accuracy paired against the dense model's at the same cell)."""
+keeps (accuracy with a paired CI against the dense model, agreement, parameters, CPU latency in torch
+and, with ``--onnx``, exported as fp32 ONNX under ONNX Runtime) and, with ``--quant``, how it quantizes
+(max |a| of the layer outputs and of the rank-r intermediates, and PTQ accuracy paired against the
+dense model's at the same cell)."""
 from __future__ import annotations
 
 import copy
-import math
+import tempfile
 import time
 from itertools import islice
 from statistics import median
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from s2d.data import Loaders
+from s2d.deploy import OnnxClassifier, export_onnx
 from s2d.lowrank import LayerRank, factorise_model, plan_ranks
 from s2d.lowrank.factorise import linear_params
 from s2d.pipeline.evidence import format_ratio
@@ -25,7 +27,8 @@ from s2d.stats import cell_estimate, format_comparison, format_estimate, paired_
 from s2d.train import evaluate_outcomes
 from s2d.utils import model_device, to_device
 
-__all__ = ["compression_grid", "format_compression_table", "format_quantized_table", "interleaved_ms", "parse_cells"]
+__all__ = ["compression_grid", "format_compression_table", "format_quantized_table", "interleaved_ms", "onnx_latency",
+           "parse_cells"]
 
 
 def interleaved_ms(models: list[nn.Module], batch: dict, repeats: int) -> list[float]:
@@ -68,10 +71,11 @@ def output_max_abs(model: nn.Module, layers: list[str], probe: list[dict]) -> tu
 def compression_grid(model: nn.Module, loaders: Loaders, calib: list[dict], rows: list[LayerRank],
                      ratios: list[float], space: str = "feature", repeats: int = 5,
                      cells: list[tuple[Bits, str]] = (), probe: list[dict] | None = None,
-                     progress: bool = False) -> list[dict]:
+                     onnx: bool = False, progress: bool = False) -> list[dict]:
     """One row per budget (and the dense model first): plan, factorised model, accuracy, latency; with
     ``cells``, also max |a| on ``probe`` (default: the first 2 test batches) and one PTQ cell per
-    (bits, method), calibrated on ``calib``, paired against the dense model's same cell."""
+    (bits, method), calibrated on ``calib``, paired against the dense model's same cell; with ``onnx``,
+    also each model's latency as fp32 ONNX under ONNX Runtime (:func:`onnx_latency`)."""
     model.eval()
     dense = evaluate_outcomes(model, loaders.test, progress=progress)
     models, out = [model], [{"ratio": 1.0, "space": "dense", "threshold": 0.0, "layers": 0,
@@ -85,16 +89,35 @@ def compression_grid(model: nn.Module, loaders: Loaders, calib: list[dict], rows
         out.append({"ratio": ratio, "space": space, "threshold": plan.threshold, "layers": len(plan.ranks),
                     "linear_params": plan.params})
     batch = to_device(next(iter(loaders.test)), model_device(model), drop_labels=True)
+    if onnx:
+        for row, extra in zip(out, onnx_latency(models, batch, repeats)):
+            row.update(extra)
     for row, m, o, ms in zip(out, models, outcomes, interleaved_ms(models, batch, repeats)):
         row.update(model_params=sum(p.numel() for p in m.parameters()), ms_per_batch=ms,
                    accuracy=cell_estimate(_hits(o)), vs_dense=paired_comparison(_hits(o), _hits(dense)),
                    agreement=float((o.pred == dense.pred).float().mean()) if o.pred is not None else None)
         if o.nll is not None:                  # a causal LM: held-out perplexity, its NLL paired to the dense one
-            row.update(perplexity=math.exp(float(o.nll.double().mean())),
+            row.update(perplexity=o.perplexity,
                        nll_vs_dense=paired_comparison(o.nll.double().numpy(), dense.nll.double().numpy()))
     if cells:
         _quantized(out, models, loaders, calib, rows, cells, probe, progress)
     return out
+
+
+def onnx_latency(models: list[nn.Module], batch: dict, repeats: int) -> list[dict]:
+    """Per model: ``onnx_ms_per_batch`` (median ms of one ONNX Runtime forward of ``batch``, fp32, all
+    graph optimizations, the sessions timed in turn as in :func:`interleaved_ms`), ``onnx_bytes`` (the
+    file) and ``onnx_max_logit_diff`` (max |ONNX logits − torch logits| on ``batch``). The files are
+    written to a temporary folder and removed."""
+    cpu = {k: v.cpu() for k, v in batch.items()}
+    with tempfile.TemporaryDirectory() as tmp:
+        files = [export_onnx(m, f"{tmp}/{i}.onnx", cpu, "fp32") for i, m in enumerate(models)]
+        sessions = [OnnxClassifier(f.path) for f in files]
+        ms = interleaved_ms(sessions, cpu, repeats)
+        with torch.no_grad():
+            diffs = [float((s(**cpu).logits - m(**batch).logits.cpu()).abs().max()) for s, m in zip(sessions, models)]
+    return [{"onnx_ms_per_batch": t, "onnx_bytes": f.bytes, "onnx_max_logit_diff": d}
+            for t, f, d in zip(ms, files, diffs)]
 
 
 def _hits(o) -> np.ndarray:
@@ -121,11 +144,13 @@ def _quantized(out: list[dict], models: list[nn.Module], loaders: Loaders, calib
 
 def format_compression_table(rows: list[dict]) -> str:
     """Markdown: one line per budget: what was factorised, what it keeps, and its speed; for a causal LM
-    also its perplexity and the perplexity ratio to the dense model (exp of the paired NLL difference)."""
-    base, lm = rows[0], "perplexity" in rows[0]
+    also its perplexity and the perplexity ratio to the dense model (exp of the paired NLL difference);
+    with ONNX timings (:func:`onnx_latency`), the file size, its logits' distance to torch's, and its speed."""
+    base, lm, onnx = rows[0], "perplexity" in rows[0], "onnx_ms_per_batch" in rows[0]
     lines = ["| budget | layers factorised | common threshold | Linear params | model params | accuracy % | "
              "vs dense (pp) | same prediction | " + ("perplexity | vs dense (%) | " if lm else "")
-             + "ms / batch | speed-up |", "|---|---|---|---|---|---|---|---|" + "---|---|" * lm + "---|---|"]
+             + "ms / batch | speed-up |" + (" ONNX MB | ONNX max abs(Δ logit) | ONNX ms / batch | ONNX speed-up |" if onnx else ""),
+             "|---|---|---|---|---|---|---|---|" + "---|---|" * lm + "---|---|" + "---|---|---|---|" * onnx]
     for r in rows:
         dense = r["space"] == "dense"
         budget = "dense" if dense else f"{r['ratio']:.0%} ({r['space']})"
@@ -134,7 +159,9 @@ def format_compression_table(rows: list[dict]) -> str:
         ppl = f"{r['perplexity']:.2f} | {'-' if dense else format_ratio(r['nll_vs_dense'])} | " if lm else ""
         lines.append(f"| {budget} | {r['layers']} | {r['threshold']:.3f} | {r['linear_params']:,} | "
                      f"{r['model_params']:,} | {format_estimate(r['accuracy'])} | {vs} | {same} | {ppl}"
-                     f"{r['ms_per_batch']:.1f} | {base['ms_per_batch'] / r['ms_per_batch']:.2f}x |")
+                     f"{r['ms_per_batch']:.1f} | {base['ms_per_batch'] / r['ms_per_batch']:.2f}x |"
+                     + (f" {r['onnx_bytes'] / 1e6:.1f} | {r['onnx_max_logit_diff']:.1e} | {r['onnx_ms_per_batch']:.1f} | "
+                        f"{base['onnx_ms_per_batch'] / r['onnx_ms_per_batch']:.2f}x |" if onnx else ""))
     return "\n".join(lines)
 
 

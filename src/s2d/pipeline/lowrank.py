@@ -54,6 +54,9 @@ def add_lowrank(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--test-examples", type=int, default=512,
                    help="--compress: test examples scored (default 512; an `s2d run` arm uses its run's split)")
     p.add_argument("--timing-repeats", type=int, default=5, help="--compress: timed forwards per model (default 5)")
+    p.add_argument("--onnx", action="store_true",
+                   help="--compress: also export the dense and every factorised model as fp32 ONNX and time them "
+                        "under ONNX Runtime on the CPU (the files go to a temporary folder)")
     p.add_argument("--quant", default=None, metavar="BITS:METHOD,...",
                    help="--compress: also quantize the dense and every factorised model with these PTQ cells "
                         "(e.g. W6A6:rtn,W4A4:repq; calibrated on the --calib-samples examples) and report max |a| "
@@ -71,6 +74,8 @@ def cmd_lowrank(args: argparse.Namespace) -> int:
     ratios = _ratios(args.compress) if args.compress else []
     if args.quant and not ratios:
         raise ValueError("--quant needs --compress (it quantizes the factorised models)")
+    if args.onnx and not ratios:
+        raise ValueError("--onnx needs --compress (it times the factorised models)")
     cells = parse_cells(args.quant, available_methods()) if args.quant else []
     for flag, value in (("--test-examples", args.test_examples), ("--timing-repeats", args.timing_repeats)):
         if value < 1:
@@ -86,7 +91,7 @@ def cmd_lowrank(args: argparse.Namespace) -> int:
                            progress=not args.no_progress)
     rows = [jsonable(r) for r in layers]
     grid = compression_grid(bundle.model, loaders, calib, layers, ratios, args.space, args.timing_repeats,
-                            cells=cells, progress=not args.no_progress) if ratios else []
+                            cells=cells, onnx=args.onnx, progress=not args.no_progress) if ratios else []
     out = Path(args.out or f"runs/lowrank-{Path(args.model).name}")
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "lowrank.json", {"model": args.model, "threshold": args.threshold,
@@ -96,7 +101,9 @@ def cmd_lowrank(args: argparse.Namespace) -> int:
     if grid:
         text += ("\n\nFactorised (block by block, no gradients) to keep a share of the analysed Linears' "
                  f"parameters; {len(loaders.test.dataset)} test examples, accuracy with a 95 % CI, paired "
-                 "difference to the dense model; latency: one test batch, torch on the CPU, interleaved\n\n"
+                 "difference to the dense model; latency: one test batch, torch on the CPU, interleaved"
+                 + (", and the same batch under ONNX Runtime (fp32 export, all graph optimizations)" if args.onnx else "")
+                 + "\n\n"
                  + format_compression_table(grid))
     if cells:
         text += ("\n\nQuantized after factorising: max |a| on 2 test batches; PTQ accuracy with a 95 % CI and, in "

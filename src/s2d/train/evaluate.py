@@ -2,6 +2,7 @@
 activation probe."""
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -40,6 +41,11 @@ class Outcomes:
     correct: torch.Tensor                 # (N,) bool: top-1 of ``logits`` equals the label
     nll: torch.Tensor | None = None       # (N,) float: the model's ``text_nll`` (causal LMs), nats/token
     pred: torch.Tensor | None = None      # (N,) long: top-1 class (agreement between two models)
+
+    @property
+    def perplexity(self) -> float | None:
+        """exp of the mean per-example text NLL (causal LMs; None without ``nll``)."""
+        return None if self.nll is None else math.exp(float(self.nll.double().mean()))
 
 
 @torch.no_grad()
